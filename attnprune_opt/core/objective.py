@@ -1,0 +1,266 @@
+"""The paper's loss L(M) = 1/2 ||f(M o W) - f(W)||_F^2 + lambda/2 ||M||_F^2 and its closed-form gradient.
+
+Two forms share one softmax backward:
+
+* :class:`FusedAttentionObjective` -- the mask lives on the fused W = W_Q W_K^T (paper, Def. 1.2 / 3.2).
+* :class:`FactoredAttentionObjective` -- masks live on q_proj / k_proj weights (layout (out, in), as stored by
+  torch.nn.Linear), per head, with RoPE and grouped KV heads (method.md section 6).
+
+Both are batched over calibration sequences (attention never crosses sequences) and processed chunk by chunk.
+With ``normalize=True`` the data term is averaged over attention rows and the penalty over mask entries, so
+one lambda and one solver setting mean the same thing for every sequence length and matrix size; with
+``normalize=False`` the loss is exactly the paper's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .attention import attention_matrix, softmax_attention
+from .rope import apply_rotary, apply_rotary_transpose
+
+Params = tuple[Tensor, ...]
+
+
+def softmax_loss_and_logit_grad(probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Data loss 1/2 ||P - P0||^2 and its gradient w.r.t. the logits, G = P o (R - rowsum(P o R)).
+
+    Masked (causal) entries have P = 0, so G is 0 there without a mask.
+    """
+    residual = probs - target
+    weighted = probs * residual
+    grad = weighted - probs * weighted.sum(dim=-1, keepdim=True)
+    return 0.5 * residual.pow(2).sum(), grad
+
+
+def as_batches(x: Tensor | Sequence[Tensor], chunk_size: int | None = None) -> list[Tensor]:
+    """Normalise inputs to a list of (b, n, d) batches: one (n, d) sequence, a (B, n, d) tensor split into
+    chunks of ``chunk_size`` sequences, or a list of such tensors (sequences of different lengths)."""
+    items = [x] if isinstance(x, Tensor) else list(x)
+    if not items:
+        raise ValueError("no calibration sequences were given")
+    batches: list[Tensor] = []
+    for item in items:
+        if item.dim() == 2:
+            item = item.unsqueeze(0)
+        if item.dim() != 3 or item.shape[1] == 0 or item.shape[0] == 0:
+            raise ValueError(f"expected inputs of shape (n, d) or (B, n, d) with n > 0, got {tuple(item.shape)}")
+        step = chunk_size or item.shape[0]
+        batches.extend(item.split(step, dim=0))
+    return batches
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """How the two loss terms are weighted: 1 for the paper's loss, means when normalised."""
+
+    data: float
+    penalty: float
+
+
+class FusedAttentionObjective:
+    """L(M) for a mask on the fused d x d weight W = W_Q W_K^T, f(W) = softmax(X W X^T * scaling)."""
+
+    def __init__(
+        self,
+        x: Tensor | Sequence[Tensor],
+        weight: Tensor,
+        *,
+        scaling: float = 1.0,
+        causal: bool = True,
+        lam: float = 0.0,
+        normalize: bool = True,
+        chunk_size: int | None = None,
+    ) -> None:
+        if weight.dim() != 2 or weight.shape[0] != weight.shape[1]:
+            raise ValueError(f"the fused weight must be square (d, d), got {tuple(weight.shape)}")
+        self.batches = as_batches(x, chunk_size)
+        self.weight = weight
+        self.scaling = scaling
+        self.causal = causal
+        self.lam = lam
+        self.targets = [attention_matrix(b, weight, scaling, causal) for b in self.batches]
+        rows = sum(b.shape[0] * b.shape[1] for b in self.batches)
+        self.weights = _Weights(1.0 / rows, 1.0 / weight.numel()) if normalize else _Weights(1.0, 1.0)
+
+    def initial_params(self) -> Params:
+        return (torch.ones_like(self.weight),)
+
+    def attention(self, params: Params) -> list[Tensor]:
+        """f(M o W) per batch, for evaluating a (binary or relaxed) mask."""
+        (mask,) = params
+        return [attention_matrix(b, mask * self.weight, self.scaling, self.causal) for b in self.batches]
+
+    def loss(self, params: Params) -> float:
+        (mask,) = params
+        data = sum(0.5 * (p - t).pow(2).sum() for p, t in zip(self.attention(params), self.targets))
+        return float(self.weights.data * data + 0.5 * self.lam * self.weights.penalty * mask.pow(2).sum())
+
+    def loss_and_grad(self, params: Params) -> tuple[float, Params]:
+        """Closed form: grad = scaling * W o sum_b X_b^T G_b X_b + lambda * M (each term weighted)."""
+        (mask,) = params
+        masked = mask * self.weight
+        data = torch.zeros((), dtype=self.weight.dtype, device=self.weight.device)
+        xgx = torch.zeros_like(self.weight)
+        for batch, target in zip(self.batches, self.targets):
+            probs = attention_matrix(batch, masked, self.scaling, self.causal)
+            loss, grad_logits = softmax_loss_and_logit_grad(probs, target)
+            data = data + loss
+            xgx += (batch.transpose(-1, -2) @ grad_logits @ batch).sum(dim=0)
+        w = self.weights
+        value = w.data * data + 0.5 * self.lam * w.penalty * mask.pow(2).sum()
+        grad = w.data * self.scaling * self.weight * xgx + self.lam * w.penalty * mask
+        return float(value), (grad,)
+
+
+def multihead_attention_probs(
+    x: Tensor,
+    q_weight: Tensor,
+    k_weight: Tensor,
+    *,
+    head_dim: int,
+    cos: Tensor | None = None,
+    sin: Tensor | None = None,
+    q_bias: Tensor | None = None,
+    k_bias: Tensor | None = None,
+    scaling: float | None = None,
+    causal: bool = True,
+) -> Tensor:
+    """Per-head attention probabilities (b, heads, n, n) of Llama-family attention from q/k projections."""
+    return _MultiheadForward(x, q_weight, k_weight, head_dim, cos, sin, q_bias, k_bias, scaling, causal).probs
+
+
+class _MultiheadForward:
+    """Forward pass of factored attention, keeping what the backward needs."""
+
+    def __init__(self, x, q_weight, k_weight, head_dim, cos, sin, q_bias, k_bias, scaling, causal) -> None:
+        b, n, _ = x.shape
+        self.q_heads = q_weight.shape[0] // head_dim
+        self.kv_heads = k_weight.shape[0] // head_dim
+        if self.q_heads * head_dim != q_weight.shape[0] or self.kv_heads * head_dim != k_weight.shape[0]:
+            raise ValueError(f"q/k output sizes {q_weight.shape[0]}, {k_weight.shape[0]} are not multiples of "
+                             f"head_dim={head_dim}")
+        if self.q_heads % self.kv_heads:
+            raise ValueError(f"{self.q_heads} query heads cannot be grouped over {self.kv_heads} KV heads")
+        self.group = self.q_heads // self.kv_heads
+        self.scaling = head_dim**-0.5 if scaling is None else scaling
+        self.rope = None if cos is None else (cos[:n], sin[:n])
+        q = self._project(x, q_weight, q_bias, self.q_heads, head_dim)
+        k = self._project(x, k_weight, k_bias, self.kv_heads, head_dim)
+        self.q = q
+        self.k_rep = k.repeat_interleave(self.group, dim=1)
+        self.probs = softmax_attention(self.scaling * self.q @ self.k_rep.transpose(-1, -2), causal)
+
+    def _project(self, x, weight, bias, heads, head_dim) -> Tensor:
+        out = x @ weight.T
+        if bias is not None:
+            out = out + bias
+        out = out.view(x.shape[0], x.shape[1], heads, head_dim).transpose(1, 2)
+        return out if self.rope is None else apply_rotary(out, *self.rope)
+
+    def backward(self, grad_logits: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Gradients of the loss w.r.t. the effective q/k weights, in (out, in) layout."""
+        b, heads, n, head_dim = self.q.shape
+        dq = self.scaling * grad_logits @ self.k_rep
+        dk = self.scaling * (grad_logits.transpose(-1, -2) @ self.q)
+        dk = dk.view(b, self.kv_heads, self.group, n, head_dim).sum(dim=2)
+        if self.rope is not None:
+            dq = apply_rotary_transpose(dq, *self.rope)
+            dk = apply_rotary_transpose(dk, *self.rope)
+        flat_x = x.reshape(b * n, -1)
+        dq = dq.transpose(1, 2).reshape(b * n, -1)
+        dk = dk.transpose(1, 2).reshape(b * n, -1)
+        return dq.T @ flat_x, dk.T @ flat_x
+
+
+class FactoredAttentionObjective:
+    """L(M_Q, M_K) = sum_h 1/2 ||P_h(M) - P_h(1)||^2 + lambda/2 (||M_Q||^2 + ||M_K||^2).
+
+    ``q_weight`` (heads*head_dim, d) and ``k_weight`` (kv_heads*head_dim, d) are in nn.Linear layout;
+    query head h reads KV head h // (heads / kv_heads). ``cos``/``sin`` of shape (n_max, head_dim) give RoPE
+    for positions 0..n_max-1 (omit both for no RoPE). ``optimize`` names which masks are parameters; the
+    other weight stays dense.
+    """
+
+    def __init__(
+        self,
+        x: Tensor | Sequence[Tensor],
+        q_weight: Tensor,
+        k_weight: Tensor,
+        *,
+        head_dim: int,
+        cos: Tensor | None = None,
+        sin: Tensor | None = None,
+        q_bias: Tensor | None = None,
+        k_bias: Tensor | None = None,
+        scaling: float | None = None,
+        causal: bool = True,
+        lam: float = 0.0,
+        normalize: bool = True,
+        chunk_size: int | None = None,
+        optimize: Sequence[str] = ("q", "k"),
+    ) -> None:
+        if (cos is None) != (sin is None):
+            raise ValueError("give both cos and sin for RoPE, or neither")
+        if not optimize or set(optimize) - {"q", "k"} or len(set(optimize)) != len(optimize):
+            raise ValueError(f"optimize must name 'q' and/or 'k' once each, got {list(optimize)}")
+        self.batches = as_batches(x, chunk_size)
+        self.q_weight, self.k_weight = q_weight, k_weight
+        self.optimize = tuple(optimize)
+        self.lam = lam
+        self._static = dict(head_dim=head_dim, cos=cos, sin=sin, q_bias=q_bias, k_bias=k_bias,
+                            scaling=scaling, causal=causal)
+        self.targets = [self._forward(b, q_weight, k_weight).probs for b in self.batches]
+        heads = q_weight.shape[0] // head_dim
+        rows = sum(b.shape[0] * b.shape[1] for b in self.batches) * heads
+        entries = sum(self._weight(name).numel() for name in self.optimize)
+        self.weights = _Weights(1.0 / rows, 1.0 / entries) if normalize else _Weights(1.0, 1.0)
+
+    def _weight(self, name: str) -> Tensor:
+        return self.q_weight if name == "q" else self.k_weight
+
+    def _forward(self, batch: Tensor, q_weight: Tensor, k_weight: Tensor) -> _MultiheadForward:
+        s = self._static
+        return _MultiheadForward(batch, q_weight, k_weight, s["head_dim"], s["cos"], s["sin"], s["q_bias"],
+                                 s["k_bias"], s["scaling"], s["causal"])
+
+    def initial_params(self) -> Params:
+        return tuple(torch.ones_like(self._weight(name)) for name in self.optimize)
+
+    def masked_weights(self, params: Params) -> tuple[Tensor, Tensor]:
+        masks = dict(zip(self.optimize, params))
+        q = self.q_weight * masks["q"] if "q" in masks else self.q_weight
+        k = self.k_weight * masks["k"] if "k" in masks else self.k_weight
+        return q, k
+
+    def attention(self, params: Params) -> list[Tensor]:
+        """Per-batch (b, heads, n, n) attention under the given masks."""
+        q, k = self.masked_weights(params)
+        return [self._forward(b, q, k).probs for b in self.batches]
+
+    def _penalty(self, params: Params) -> Tensor:
+        return 0.5 * self.lam * self.weights.penalty * sum(p.pow(2).sum() for p in params)
+
+    def loss(self, params: Params) -> float:
+        data = sum(0.5 * (p - t).pow(2).sum() for p, t in zip(self.attention(params), self.targets))
+        return float(self.weights.data * data + self._penalty(params))
+
+    def loss_and_grad(self, params: Params) -> tuple[float, Params]:
+        q, k = self.masked_weights(params)
+        data = torch.zeros((), dtype=q.dtype, device=q.device)
+        grad_q, grad_k = torch.zeros_like(q), torch.zeros_like(k)
+        for batch, target in zip(self.batches, self.targets):
+            fwd = self._forward(batch, q, k)
+            loss, grad_logits = softmax_loss_and_logit_grad(fwd.probs, target)
+            data = data + loss
+            gq, gk = fwd.backward(grad_logits, batch)
+            grad_q += gq
+            grad_k += gk
+        w = self.weights
+        full = {"q": grad_q * self.q_weight, "k": grad_k * self.k_weight}
+        grads = tuple(w.data * full[name] + self.lam * w.penalty * p for name, p in zip(self.optimize, params))
+        return float(w.data * data + self._penalty(params)), grads
