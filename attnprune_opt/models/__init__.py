@@ -1,0 +1,1 @@
+"""Model-specific knowledge: loading models and the architecture adapters."""
