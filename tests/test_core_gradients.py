@@ -1,0 +1,125 @@
+"""The closed-form gradients of both loss forms against torch autograd, in float64."""
+
+import pytest
+import torch
+
+from attnprune_opt.core import (
+    FactoredAttentionObjective,
+    FusedAttentionObjective,
+    apply_rotary,
+    apply_rotary_transpose,
+    attention_matrix,
+    multihead_attention_probs,
+)
+
+TOL = 1e-8
+F64 = torch.float64
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def rope_tables(n: int, head_dim: int, factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=F64) / head_dim)
+    angles = torch.outer(torch.arange(n, dtype=F64), inv)
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos() * factor, emb.sin() * factor
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_fused_gradient_matches_autograd(causal, lam, normalize, gen):
+    d, n, batch, scaling = 7, 9, 3, 0.4
+    x = torch.randn(batch, n, d, dtype=F64, generator=gen)
+    w = torch.randn(d, d, dtype=F64, generator=gen) * 0.5
+    objective = FusedAttentionObjective(x, w, scaling=scaling, causal=causal, lam=lam, normalize=normalize,
+                                        chunk_size=2)
+    mask = torch.rand(d, d, dtype=F64, generator=gen).requires_grad_()
+    value, (grad,) = objective.loss_and_grad((mask.detach(),))
+
+    probs = attention_matrix(x, mask * w, scaling, causal)
+    target = attention_matrix(x, w, scaling, causal)
+    rows, entries = (batch * n, d * d) if normalize else (1, 1)
+    loss = 0.5 * (probs - target).pow(2).sum() / rows + 0.5 * lam * mask.pow(2).sum() / entries
+    loss.backward()
+
+    assert abs(value - loss.item()) <= TOL * abs(loss.item())
+    assert rel(grad, mask.grad) < TOL
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lam", [0.0, 0.3])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (3, 1)])
+@pytest.mark.parametrize("rope", [True, False])
+def test_factored_gradient_matches_autograd(causal, lam, heads, kv_heads, rope, gen):
+    head_dim, d, n, batch = 4, 10, 7, 3
+    x = torch.randn(batch, n, d, dtype=F64, generator=gen)
+    wq = torch.randn(heads * head_dim, d, dtype=F64, generator=gen) * 0.5
+    wk = torch.randn(kv_heads * head_dim, d, dtype=F64, generator=gen) * 0.5
+    bq = torch.randn(heads * head_dim, dtype=F64, generator=gen)
+    bk = torch.randn(kv_heads * head_dim, dtype=F64, generator=gen)
+    cos, sin = rope_tables(n + 3, head_dim, factor=1.2) if rope else (None, None)  # a scaled RoPE variant
+    common = dict(head_dim=head_dim, cos=cos, sin=sin, q_bias=bq, k_bias=bk, causal=causal)
+    objective = FactoredAttentionObjective(x, wq, wk, lam=lam, chunk_size=2, **common)
+    mq = torch.rand(wq.shape, dtype=F64, generator=gen).requires_grad_()
+    mk = torch.rand(wk.shape, dtype=F64, generator=gen).requires_grad_()
+    value, (gq, gk) = objective.loss_and_grad((mq.detach(), mk.detach()))
+
+    probs = multihead_attention_probs(x, mq * wq, mk * wk, **common)
+    target = multihead_attention_probs(x, wq, wk, **common)
+    penalty = (mq.pow(2).sum() + mk.pow(2).sum()) / (wq.numel() + wk.numel())
+    loss = 0.5 * (probs - target).pow(2).sum() / (batch * n * heads) + 0.5 * lam * penalty
+    loss.backward()
+
+    assert abs(value - loss.item()) <= TOL * abs(loss.item())
+    assert rel(gq, mq.grad) < TOL
+    assert rel(gk, mk.grad) < TOL
+
+
+def test_factored_gradient_with_one_side_optimised(gen):
+    head_dim, d, n = 4, 8, 6
+    x = torch.randn(2, n, d, dtype=F64, generator=gen)
+    wq = torch.randn(2 * head_dim, d, dtype=F64, generator=gen)
+    wk = torch.randn(head_dim, d, dtype=F64, generator=gen)
+    objective = FactoredAttentionObjective(x, wq, wk, head_dim=head_dim, lam=0.2, optimize=("k",), normalize=False)
+    mk = torch.rand(wk.shape, dtype=F64, generator=gen).requires_grad_()
+    value, (gk,) = objective.loss_and_grad((mk.detach(),))
+    probs = multihead_attention_probs(x, wq, mk * wk, head_dim=head_dim)
+    target = multihead_attention_probs(x, wq, wk, head_dim=head_dim)
+    loss = 0.5 * (probs - target).pow(2).sum() + 0.1 * mk.pow(2).sum()
+    loss.backward()
+    assert rel(gk, mk.grad) < TOL
+
+
+def test_factored_single_head_equals_fused_form(gen):
+    """Without RoPE, one head of the factored form is the paper's fused form with W = W_Q^T W_K."""
+    d, k, n = 6, 3, 8
+    x = torch.randn(n, d, dtype=F64, generator=gen)
+    wq = torch.randn(k, d, dtype=F64, generator=gen)
+    wk = torch.randn(k, d, dtype=F64, generator=gen)
+    fused = attention_matrix(x, wq.T @ wk, scaling=k**-0.5)
+    factored = multihead_attention_probs(x.unsqueeze(0), wq, wk, head_dim=k)[0, 0]
+    assert torch.allclose(fused, factored, rtol=0, atol=1e-12)
+
+
+def test_rope_transpose_is_the_adjoint(gen):
+    cos, sin = rope_tables(5, 6, factor=0.7)
+    a = torch.randn(2, 5, 6, dtype=F64, generator=gen)
+    b = torch.randn(2, 5, 6, dtype=F64, generator=gen)
+    lhs = (apply_rotary(a, cos, sin) * b).sum()
+    rhs = (a * apply_rotary_transpose(b, cos, sin)).sum()
+    assert abs(float(lhs - rhs)) < 1e-12
+
+
+def test_objective_rejects_bad_shapes(gen):
+    x = torch.randn(4, 6, dtype=F64, generator=gen)
+    with pytest.raises(ValueError, match="square"):
+        FusedAttentionObjective(x, torch.randn(6, 5, dtype=F64))
+    with pytest.raises(ValueError, match="head_dim"):
+        FactoredAttentionObjective(x, torch.randn(10, 6, dtype=F64), torch.randn(8, 6, dtype=F64), head_dim=4)
+    with pytest.raises(ValueError, match="grouped"):
+        FactoredAttentionObjective(x, torch.randn(12, 6, dtype=F64), torch.randn(8, 6, dtype=F64), head_dim=4)
+    with pytest.raises(ValueError, match="no calibration"):
+        FusedAttentionObjective([], torch.randn(6, 6, dtype=F64))
