@@ -1,0 +1,203 @@
+"""The one pruning configuration schema, shared by the constructor, YAML recipes and the saved manifest.
+
+Unknown keys are refused at every level; every validation problem becomes a :class:`RecipeError` whose message
+names the key path (``rules.0.sparsity``) and, for a misspelt key, the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RecipeError
+
+ModuleName = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+Method = Literal["attention", "sparsegpt", "wanda", "magnitude"]
+ATTENTION_MODULES = ("q_proj", "k_proj")
+_N_M = re.compile(r"^(\d+):(\d+)$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PruneRule(_Strict):
+    """Prune ``modules`` of every decoder layer with ``method`` to ``sparsity`` (or an N:M ``structure``)."""
+
+    modules: tuple[ModuleName, ...] = Field(min_length=1)
+    method: Method
+    sparsity: float | None = Field(default=None, ge=0.0, lt=1.0, allow_inf_nan=False)
+    structure: str = "unstructured"
+
+    @field_validator("modules")
+    @classmethod
+    def _unique(cls, modules: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(modules)) != len(modules):
+            raise ValueError(f"modules listed twice: {list(modules)}")
+        return modules
+
+    @field_validator("structure")
+    @classmethod
+    def _structure(cls, structure: str) -> str:
+        if structure == "unstructured":
+            return structure
+        match = _N_M.match(structure)
+        if not match or not 0 < int(match[1]) < int(match[2]):
+            raise ValueError(f"structure must be 'unstructured' or 'N:M' with 0 < N < M, got {structure!r}")
+        return structure
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PruneRule:
+        """Unstructured rules need a sparsity; N:M implies one (1 - N/M), which a given value must match."""
+        if self.method == "attention" and set(self.modules) - set(ATTENTION_MODULES):
+            raise ValueError(f"method 'attention' prunes q_proj/k_proj only, got {list(self.modules)}")
+        if self.n_m is None:
+            if self.sparsity is None:
+                raise ValueError("sparsity is required for unstructured pruning")
+            return self
+        n, m = self.n_m
+        if self.sparsity is not None and abs(self.sparsity - (1 - n / m)) > 1e-9:
+            raise ValueError(f"structure {n}:{m} keeps {n} of {m}, so sparsity must be {1 - n / m:g}, "
+                             f"got {self.sparsity:g}")
+        object.__setattr__(self, "sparsity", 1 - n / m)
+        return self
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        match = _N_M.match(self.structure)
+        return (int(match[1]), int(match[2])) if match else None
+
+
+class AttentionSettings(_Strict):
+    """The method's solver and binarisation (method.md sections 4 and 7)."""
+
+    lam: float = Field(default=0.01, ge=0.0, allow_inf_nan=False)
+    iterations: int = Field(default=100, ge=0)
+    step_size: float = Field(default=0.05, gt=0.0, allow_inf_nan=False)
+    tol: float = Field(default=1e-6, ge=0.0)
+    line_search: bool = True
+    group: Literal["row", "head", "matrix"] = "row"
+    score: Literal["mask", "mask_weight"] = "mask_weight"
+
+
+class SparseGPTSettings(_Strict):
+    blocksize: int = Field(default=128, ge=1)
+    percdamp: float = Field(default=0.01, gt=0.0, allow_inf_nan=False)
+
+
+class CalibrationSettings(_Strict):
+    """Where calibration text comes from: ``c4``, ``wikitext2``, a .txt/.jsonl/.parquet file, or
+    ``hf:<name>[:config][:split]``; ``first`` takes the pool's first rows (C4 rows 0-7 by default), ``random``
+    samples them by the config's seed; ``rows`` is a [start, stop) pool for document sources."""
+
+    source: str = "c4"
+    num_samples: int = Field(default=8, ge=1)
+    seq_len: int = Field(default=512, ge=2)
+    sampling: Literal["first", "random"] = "first"
+    rows: tuple[int, int] | None = None
+
+
+class PrunerConfig(_Strict):
+    """Everything a pruning run depends on; ``to_dict``/``from_dict`` round-trip it exactly."""
+
+    rules: tuple[PruneRule, ...] = (PruneRule(modules=ATTENTION_MODULES, method="attention", sparsity=0.5),)
+    attention: AttentionSettings = AttentionSettings()
+    sparsegpt: SparseGPTSettings = SparseGPTSettings()
+    calibration: CalibrationSettings = CalibrationSettings()
+    propagate: Literal["pruned", "dense"] = "pruned"
+    layers: tuple[int, ...] | None = None
+    seed: int = 0
+    model: str | None = None
+
+    @model_validator(mode="after")
+    def _each_module_once(self) -> PrunerConfig:
+        if not self.rules:
+            raise ValueError("rules must name at least one module to prune")
+        seen: dict[str, int] = {}
+        for i, rule in enumerate(self.rules):
+            for module in rule.modules:
+                if module in seen:
+                    raise ValueError(f"{module} is targeted by rules {seen[module]} and {i}")
+                seen[module] = i
+        return self
+
+    def rule_for(self, module: str) -> PruneRule | None:
+        return next((rule for rule in self.rules if module in rule.modules), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> PrunerConfig:
+        if not isinstance(data, dict):
+            raise RecipeError(f"a pruning config must be a mapping, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise RecipeError(_describe(exc)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> PrunerConfig:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except RecipeError as exc:
+            raise RecipeError(f"recipe {path}: {exc}") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line per problem: the key path, what is wrong, and for an unknown key the nearest valid one."""
+    lines = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        path = ".".join(str(part) for part in loc) or "config"
+        if error["type"] == "extra_forbidden":
+            known = _fields_at(loc[:-1])
+            near = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys here: {', '.join(known)}"
+            lines.append(f"unknown key {path!r}{hint}")
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            value = error.get("input")
+            got = "" if isinstance(value, (dict, list, tuple)) else f" (got {value!r})"
+            lines.append(f"{path}: {message}{got}")
+    return "; ".join(lines)
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The field names of the schema model found by following ``loc`` from PrunerConfig."""
+    model: Any = PrunerConfig
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        model = _model_in(field.annotation) if field else None
+    return sorted(model.model_fields) if model else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The schema model inside an annotation such as ``tuple[PruneRule, ...]`` or ``X | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (tuple, list, typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found:
+                return found
+    return None

@@ -1,0 +1,1 @@
+"""Evaluation of (pruned) models, offline on the local data copies."""
