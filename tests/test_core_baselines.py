@@ -43,6 +43,10 @@ def test_input_statistics_streaming_equals_batch(gen):
     assert torch.allclose(streamed.hessian, flat.T @ flat, atol=1e-12)
     assert torch.allclose(streamed.column_norms, flat.norm(dim=0), atol=1e-12)
     assert streamed.tokens == 30
+    cheap = InputStatistics(6, hessian=False)
+    cheap.update(x)
+    assert cheap.hessian is None
+    assert torch.allclose(cheap.column_norms, flat.norm(dim=0), atol=1e-12)
 
 
 @pytest.mark.parametrize("group", ["row", "matrix"])

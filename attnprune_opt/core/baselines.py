@@ -20,21 +20,25 @@ from .masks import Group, check_n_m, keep_top, n_m_mask, prune_count, topk_mask
 
 
 class InputStatistics:
-    """Streams calibration inputs of a linear layer into H = sum X^T X (float64) and the token count."""
+    """Streams calibration inputs of a linear layer into float64 statistics: H = sum X^T X (SparseGPT) when
+    ``hessian`` is true, else only the squared column norms (all Wanda needs, at O(d) instead of O(d^2))."""
 
-    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
-        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+    def __init__(self, in_features: int, hessian: bool = True, device: torch.device | str | None = None) -> None:
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if hessian else None
+        self.squared_norms = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.tokens = 0
 
     def update(self, x: Tensor) -> None:
-        flat = x.reshape(-1, x.shape[-1]).to(self.hessian)
-        self.hessian += flat.T @ flat
+        flat = x.reshape(-1, x.shape[-1]).to(self.squared_norms)
+        if self.hessian is not None:
+            self.hessian += flat.T @ flat
+        self.squared_norms += flat.pow(2).sum(dim=0)
         self.tokens += flat.shape[0]
 
     @property
     def column_norms(self) -> Tensor:
         """||X_j||_2 per input feature, Wanda's activation norm."""
-        return self.hessian.diagonal().clamp_min(0).sqrt()
+        return self.squared_norms.sqrt()
 
 
 def _structured(scores: Tensor, sparsity: float, group: Group, n_m: tuple[int, int] | None) -> Tensor:

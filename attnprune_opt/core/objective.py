@@ -242,6 +242,15 @@ class FactoredAttentionObjective:
         q, k = self.masked_weights(params)
         return [self._forward(b, q, k).probs for b in self.batches]
 
+    def squared_error(self, params: Params) -> float:
+        """||P(M) - P(1)||_F^2 summed over heads and sequences (the numerator of the relative error)."""
+        return float(sum((p - t).pow(2).sum() for p, t in zip(self.attention(params), self.targets)))
+
+    @property
+    def target_energy(self) -> float:
+        """||P(1)||_F^2, the denominator of the relative error."""
+        return float(sum(t.pow(2).sum() for t in self.targets))
+
     def _penalty(self, params: Params) -> Tensor:
         return 0.5 * self.lam * self.weights.penalty * sum(p.pow(2).sum() for p in params)
 

@@ -7,7 +7,6 @@ the official prompt templates apply unchanged. ``utils.load_local`` there calls 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from attnprune_opt.data.calibration import data_file_sha256
 from attnprune_opt.paths import DATA_DIR_ENV, REPO_ROOT, data_dir as default_data_dir
 
 if TYPE_CHECKING:
@@ -154,14 +154,6 @@ def resolve_tasks(names: list[str], data_dir: Path | None = None) -> list[str]:
     return [_spec(name).task if local_data_file(name, data_dir).is_file() else name for name in names]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _compact(metrics: dict[str, Any]) -> dict[str, float | None]:
     """``{"acc,none": x, "acc_stderr,none": "N/A"}`` -> ``{"acc": x, "acc_stderr": None}``."""
     out: dict[str, float | None] = {}
@@ -225,6 +217,6 @@ def run_lm_eval(
             **_compact(results["results"][lm_name]),
             "task": lm_name,
             "n_samples": int(results["n-samples"][lm_name]["effective"]),
-            "data_sha256": _sha256(local_data_file(name, root)) if name in local else None,
+            "data_sha256": data_file_sha256(local_data_file(name, root)) if name in local else None,
         }
     return out

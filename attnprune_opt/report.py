@@ -1,0 +1,65 @@
+"""What a pruning run reports: per-layer figures, totals, and where the calibration data came from."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .pipeline.layerwise import LayerReport
+
+
+@dataclass
+class PruneReport:
+    model: dict[str, Any]
+    calibration: dict[str, Any]
+    layers: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+    def module_sparsity(self) -> dict[str, dict[str, float]]:
+        """Measured sparsity per module kind (q_proj, ...) over all pruned layers."""
+        totals: dict[str, list[int]] = {}
+        for layer in self.layers:
+            for name, module in layer.modules.items():
+                zeros, numel = totals.setdefault(name, [0, 0])
+                totals[name] = [zeros + module.zeros, numel + module.numel]
+        return {name: {"sparsity": z / n, "zeros": z, "numel": n} for name, (z, n) in totals.items()}
+
+    def attention_errors(self) -> dict[str, float] | None:
+        """Mean relative attention error on calibration data, magnitude (before) vs the method (after)."""
+        found = [layer.attention for layer in self.layers if layer.attention is not None]
+        if not found:
+            return None
+        return {"before": statistics.fmean(a.error_before for a in found),
+                "after": statistics.fmean(a.error_after for a in found)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "calibration": self.calibration, "seconds": self.seconds,
+                "peak_rss_mb": self.peak_rss_mb, "module_sparsity": self.module_sparsity(),
+                "attention_error": self.attention_errors(), "layers": [asdict(layer) for layer in self.layers]}
+
+    def to_markdown(self) -> str:
+        lines = [f"Pruned {self.model.get('name', '?')} ({self.model.get('model_type', '?')}): "
+                 f"{len(self.layers)} layers in {self.seconds:.1f} s, peak RSS {self.peak_rss_mb:.0f} MB",
+                 f"Calibration: {self.calibration.get('description', '?')}"]
+        if self.calibration.get("self_generated"):
+            lines.append("NOTE: no calibration data set was found; the model's own generated text was used.")
+        lines += ["", "| layer | attention error (magnitude → method) | iterations | "
+                  + " | ".join(self._module_names()) + " | seconds |",
+                  "|---|---|---|" + "---|" * len(self._module_names()) + "---|"]
+        for layer in self.layers:
+            attn = layer.attention
+            error = f"{attn.error_before:.4f} → {attn.error_after:.4f}" if attn else "–"
+            its = str(attn.iterations) if attn else "–"
+            sparsities = " | ".join(f"{layer.modules[m].sparsity:.3f}" if m in layer.modules else "–"
+                                    for m in self._module_names())
+            lines.append(f"| {layer.index} | {error} | {its} | {sparsities} | {layer.seconds:.1f} |")
+        errors = self.attention_errors()
+        if errors:
+            lines += ["", f"Mean attention error on calibration data: magnitude {errors['before']:.4f}, "
+                          f"method {errors['after']:.4f} ({errors['after'] / errors['before']:.2f}×)"]
+        return "\n".join(lines)
+
+    def _module_names(self) -> list[str]:
+        return list(dict.fromkeys(name for layer in self.layers for name in layer.modules))

@@ -1,0 +1,78 @@
+"""The command line: prune end to end on a tiny model, one-line errors, and no output left by a failed run."""
+
+import json
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+from attnprune_opt.cli import main
+from attnprune_opt.models.loading import load_tokenizer
+from tiny_models import tiny_model
+
+RECIPE = {"rules": [{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5}],
+          "attention": {"iterations": 5}, "calibration": {"source": "c4", "num_samples": 2, "seq_len": 32}}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama with SmolLM2's tokenizer, saved like any model folder."""
+    folder = tmp_path_factory.mktemp("model")
+    tokenizer = load_tokenizer()
+    tiny_model("llama", vocab_size_override=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(RECIPE))
+    return path
+
+
+def test_prune_end_to_end_and_refuse_to_clobber(model_dir, recipe, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", "--recipe", str(recipe), "--model", str(model_dir), "--output", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "attention error" in printed and f"saved to {out}" in printed
+    manifest = json.loads((out / "attnprune_manifest.json").read_text())
+    assert manifest["sparsity"]["pruned_weights"] == 0.5
+    assert manifest["calibration"]["sha256"]
+    AutoModelForCausalLM.from_pretrained(out)
+    before = sorted(p.name for p in out.iterdir())
+
+    assert main(["prune", "--recipe", str(recipe), "--model", str(model_dir), "--output", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: output") and "--overwrite" in err[-1]
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_bad_recipe_is_one_line_and_leaves_nothing(model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**RECIPE, "attention": {"lamda": 0.1}}))
+    out = tmp_path / "pruned"
+    assert main(["prune", "--recipe", str(bad), "--model", str(model_dir), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "did you mean 'lam'" in err
+    assert not out.exists()
+
+
+def test_unsupported_model_and_missing_data_are_one_line(model_dir, recipe, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ATTNPRUNE_DATA_DIR", str(tmp_path / "nowhere"))
+    nm = tmp_path / "nm.yaml"
+    nm.write_text(yaml.safe_dump({**RECIPE, "rules": [{"modules": ["q_proj"], "method": "wanda",
+                                                        "structure": "3:128"}]}))
+    out = tmp_path / "pruned"
+    assert main(["prune", "--recipe", str(nm), "--model", str(model_dir), "--output", str(out)]) == 2
+    assert "does not divide the input size 64" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_validate_recipe(recipe, tmp_path, capsys):
+    assert main(["validate-recipe", str(recipe)]) == 0
+    assert "valid" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rulez: []\n")
+    assert main(["validate-recipe", str(bad)]) == 2
+    assert "did you mean 'rules'" in capsys.readouterr().err

@@ -1,0 +1,189 @@
+"""The layer-by-layer pipeline on tiny Llama, Mistral and Qwen2 models: adapter exactness, exact sparsity,
+save/load round trips, offload invariance, determinism, and named errors for bad input."""
+
+import copy
+
+import pytest
+import torch
+from accelerate import cpu_offload
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from attnprune_opt import AttentionPruner
+from attnprune_opt.core import multihead_attention_probs
+from attnprune_opt.errors import (
+    CalibrationDataError,
+    ConfigError,
+    NonFiniteWeightsError,
+    OutputExistsError,
+    RecipeError,
+    UnsupportedArchitectureError,
+)
+from attnprune_opt.models.adapters import get_adapter
+from attnprune_opt.pipeline.capture import capture_layer_inputs, record_linear_inputs, run_layer
+from tiny_models import QK_ONLY, WHOLE_MODEL, calibration, tiny_model
+
+KINDS = ["llama", "mistral", "qwen2"]
+
+
+def saved_tensors(folder) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_adapter_recomputes_the_models_own_attention(kind):
+    model = tiny_model(kind)
+    adapter = get_adapter(model)
+    ids = calibration()[0]
+    with torch.no_grad():
+        reference = model(ids[None], output_attentions=True).attentions
+        inputs = capture_layer_inputs(model, adapter.layers[0], [ids])
+        for index, layer in enumerate(adapter.layers):
+            attn = layer.self_attn
+            with record_linear_inputs({"q_proj": attn.q_proj}, keep=["q_proj"]) as recorded:
+                outputs = run_layer(layer, inputs)
+            geometry = adapter.geometry(layer)
+            cos, sin = adapter.rope_tables(inputs[0].kwargs)
+            probs = multihead_attention_probs(
+                recorded.tensors["q_proj"][0], attn.q_proj.weight, attn.k_proj.weight, head_dim=geometry.head_dim,
+                cos=cos, sin=sin, q_bias=attn.q_proj.bias, k_bias=attn.k_proj.bias, scaling=geometry.scaling)
+            assert torch.allclose(probs, reference[index], atol=1e-6, rtol=0)
+            inputs = outputs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prune_save_and_plain_from_pretrained_give_identical_logits(kind, tmp_path):
+    model = tiny_model(kind)
+    pruner = AttentionPruner(**WHOLE_MODEL)
+    pruner.prune_model(model, calibration=calibration(), progress=False)
+    pruner.save(model, tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    ids = calibration(seed=5)[0][None]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    for name, module in pruner.report.module_sparsity().items():
+        assert module["sparsity"] == 0.5, name
+
+
+def test_qk_rows_are_exactly_half_zeros_and_everything_else_is_untouched(tmp_path):
+    model = tiny_model("llama")
+    dense = copy.deepcopy(model.state_dict())
+    AttentionPruner(**QK_ONLY).prune_model(model, calibration=calibration(), progress=False)
+    for name, tensor in model.state_dict().items():
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            assert ((tensor == 0).sum(dim=1) == tensor.shape[1] // 2).all(), name
+            kept = tensor != 0
+            assert torch.equal(tensor[kept], dense[name][kept]), name
+        else:
+            assert torch.equal(tensor, dense[name]), name
+
+
+def test_same_seed_gives_bit_identical_masks():
+    a, b = tiny_model("qwen2"), tiny_model("qwen2")
+    for model in (a, b):
+        AttentionPruner(**WHOLE_MODEL).prune_model(model, calibration=calibration(), progress=False)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def test_no_offload_cpu_offload_and_disk_offload_are_bit_identical(tmp_path):
+    tiny_model("llama", layers=3).save_pretrained(tmp_path / "dense")
+    original = load_file(tmp_path / "dense" / "model.safetensors")
+    results = {}
+
+    def prune_and_save(name, model):
+        pruner = AttentionPruner(**WHOLE_MODEL)
+        pruner.prune_model(model, calibration=calibration(), progress=False)
+        pruner.save(model, tmp_path / name)
+        results[name] = saved_tensors(tmp_path / name)
+
+    prune_and_save("plain", AutoModelForCausalLM.from_pretrained(tmp_path / "dense", attn_implementation="eager"))
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", attn_implementation="eager")
+    cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    assert offloaded.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
+    prune_and_save("cpu_offload", offloaded)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    on_disk = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", attn_implementation="eager",
+                                                   device_map=device_map, offload_folder=tmp_path / "offload")
+    assert on_disk.model.layers[2].mlp.down_proj.weight.device.type == "meta"
+    prune_and_save("disk_offload", on_disk)
+
+    for name in ("cpu_offload", "disk_offload"):
+        assert results[name].keys() == results["plain"].keys()
+        for key, tensor in results["plain"].items():
+            assert torch.equal(results[name][key], tensor), (name, key)
+    after = load_file(tmp_path / "dense" / "model.safetensors")  # the user's checkpoint is never written
+    assert all(torch.equal(after[key], tensor) for key, tensor in original.items())
+    pruned_q = results["plain"]["model.layers.2.self_attn.q_proj.weight"]
+    assert (pruned_q == 0).float().mean() == 0.5
+    assert not torch.equal(pruned_q, original["model.layers.2.self_attn.q_proj.weight"])
+
+
+def test_config_round_trip_and_no_mutation():
+    config = copy.deepcopy(WHOLE_MODEL)
+    snapshot = copy.deepcopy(config)
+    pruner = AttentionPruner(**config)
+    assert config == snapshot
+    again = AttentionPruner.from_dict(pruner.to_dict())
+    assert again.to_dict() == pruner.to_dict()
+    assert again.config == pruner.config
+
+
+def test_unknown_architecture_is_named():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2'.*llama, mistral, qwen2"):
+        AttentionPruner().prune_model(model, calibration=calibration())
+
+
+def test_bad_inputs_raise_named_errors():
+    with pytest.raises(RecipeError, match="sparsity"):
+        AttentionPruner(rules=[{"modules": ["q_proj"], "method": "attention", "sparsity": 1.0}])
+    with pytest.raises(RecipeError, match="did you mean 'lam'"):
+        AttentionPruner(attention={"lamda": 0.1})
+    model = tiny_model("llama")
+    with pytest.raises(CalibrationDataError, match="empty"):
+        AttentionPruner().prune_model(model, calibration=[])
+    with pytest.raises(CalibrationDataError, match="fewer than 2 tokens"):
+        AttentionPruner().prune_model(model, calibration=[torch.tensor([3])])
+    with pytest.raises(ConfigError, match="does not divide the input size 64"):
+        AttentionPruner(rules=[{"modules": ["v_proj"], "method": "magnitude", "structure": "3:128"}]).prune_model(
+            model, calibration=calibration())
+    with pytest.raises(ConfigError, match="layers \\[7\\] do not exist"):
+        AttentionPruner(layers=[7]).prune_model(model, calibration=calibration())
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match="model.layers.1.self_attn.k_proj.weight"):
+        AttentionPruner(**QK_ONLY).prune_model(model, calibration=calibration(), progress=False)
+
+
+def test_existing_output_is_refused_and_overwrite_replaces_it(tmp_path):
+    model = tiny_model("llama")
+    pruner = AttentionPruner(**QK_ONLY)
+    pruner.prune_model(model, calibration=calibration(), progress=False)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("user data")
+    with pytest.raises(OutputExistsError):
+        pruner.save(model, tmp_path / "out")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "user data"
+    pruner.save(model, tmp_path / "out", overwrite=True)
+    assert not (tmp_path / "out" / "keep.txt").exists()
+    assert (tmp_path / "out" / "attnprune_manifest.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_failure_while_saving_leaves_no_output(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    pruner = AttentionPruner(**QK_ONLY)
+    pruner.prune_model(model, calibration=calibration(), progress=False)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(model), "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        pruner.save(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,41 @@
+"""Tiny random Llama-family models built from configs, for fast pipeline tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+VOCAB = 96
+
+
+def tiny_model(kind: str = "llama", seed: int = 0, layers: int = 2, vocab_size_override: int | None = None,
+               **overrides):
+    """A random model whose q/k weights are scaled up so that attention is far from uniform."""
+    config = CONFIGS[kind](vocab_size=vocab_size_override or VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           tie_word_embeddings=False, **overrides)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    return model
+
+
+def calibration(seed: int = 1, lengths: tuple[int, ...] = (24, 24, 17, 32)) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g) for n in lengths]
+
+
+WHOLE_MODEL = dict(
+    rules=[{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5},
+           {"modules": ["v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "method": "sparsegpt",
+            "sparsity": 0.5}],
+    attention={"iterations": 15},
+    sparsegpt={"blocksize": 32},
+)
+QK_ONLY = dict(rules=[{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5}],
+               attention={"iterations": 15})
