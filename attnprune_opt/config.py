@@ -76,8 +76,10 @@ class PruneRule(_Strict):
 
 
 class AttentionSettings(_Strict):
-    """The method's solver and binarisation (method.md sections 4 and 7)."""
+    """The method on q_proj/k_proj (method.md sections 4 and 7): how the binary pattern is chosen (``mask``), the
+    paper's descent (used when ``mask`` is ``descent``), and the refit of the kept weights to the attention loss."""
 
+    mask: Literal["descent", "wanda", "magnitude", "sparsegpt"] = "wanda"
     lam: float = Field(default=0.01, ge=0.0, allow_inf_nan=False)
     iterations: int = Field(default=100, ge=0)
     step_size: float = Field(default=0.05, gt=0.0, allow_inf_nan=False)
@@ -85,6 +87,14 @@ class AttentionSettings(_Strict):
     line_search: bool = True
     group: Literal["row", "head", "matrix"] = "row"
     score: Literal["mask", "mask_weight"] = "mask_weight"
+    refit_iterations: int = Field(default=50, ge=0)
+    refit_lr: float = Field(default=0.01, gt=0.0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _sparsegpt_groups(self) -> AttentionSettings:
+        if self.mask == "sparsegpt" and self.group == "head":
+            raise ValueError("mask 'sparsegpt' selects per row or per matrix, not per head")
+        return self
 
 
 class SparseGPTSettings(_Strict):

@@ -68,17 +68,30 @@ def test_prune_save_and_plain_from_pretrained_give_identical_logits(kind, tmp_pa
         assert module["sparsity"] == 0.5, name
 
 
-def test_qk_rows_are_exactly_half_zeros_and_everything_else_is_untouched(tmp_path):
+@pytest.mark.parametrize("mask", ["wanda", "descent", "magnitude", "sparsegpt"])
+@pytest.mark.parametrize("refit", [0, 5])
+def test_qk_rows_are_exactly_half_zeros_and_everything_else_is_untouched(mask, refit):
     model = tiny_model("llama")
     dense = copy.deepcopy(model.state_dict())
-    AttentionPruner(**QK_ONLY).prune_model(model, calibration=calibration(), progress=False)
+    pruner = AttentionPruner(**{**QK_ONLY, "attention": {"mask": mask, "iterations": 5, "refit_iterations": refit}})
+    pruner.prune_model(model, calibration=calibration(), progress=False)
     for name, tensor in model.state_dict().items():
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             assert ((tensor == 0).sum(dim=1) == tensor.shape[1] // 2).all(), name
             kept = tensor != 0
-            assert torch.equal(tensor[kept], dense[name][kept]), name
+            if refit or mask == "sparsegpt":
+                assert not torch.equal(tensor[kept], dense[name][kept]), name
+            else:
+                assert torch.equal(tensor[kept], dense[name][kept]), name
         else:
             assert torch.equal(tensor, dense[name]), name
+    for layer in pruner.report.layers:
+        attention = layer.attention
+        if refit:
+            assert attention.error_final < attention.error_mask
+            assert attention.refit_loss_last < attention.refit_loss_first
+        else:
+            assert attention.error_final == attention.error_mask
 
 
 def test_same_seed_gives_bit_identical_masks():

@@ -242,9 +242,11 @@ class FactoredAttentionObjective:
         q, k = self.masked_weights(params)
         return [self._forward(b, q, k).probs for b in self.batches]
 
-    def squared_error(self, params: Params) -> float:
-        """||P(M) - P(1)||_F^2 summed over heads and sequences (the numerator of the relative error)."""
-        return float(sum((p - t).pow(2).sum() for p, t in zip(self.attention(params), self.targets)))
+    def squared_error(self, q_weight: Tensor, k_weight: Tensor) -> float:
+        """||P - P(1)||_F^2 with these effective q/k weights, summed over heads and sequences (the numerator of
+        the relative error)."""
+        return float(sum((self._forward(b, q_weight, k_weight).probs - t).pow(2).sum()
+                         for b, t in zip(self.batches, self.targets)))
 
     @property
     def target_energy(self) -> float:
@@ -254,22 +256,62 @@ class FactoredAttentionObjective:
     def _penalty(self, params: Params) -> Tensor:
         return 0.5 * self.lam * self.weights.penalty * sum(p.pow(2).sum() for p in params)
 
-    def loss(self, params: Params) -> float:
-        data = sum(0.5 * (p - t).pow(2).sum() for p, t in zip(self.attention(params), self.targets))
-        return float(self.weights.data * data + self._penalty(params))
+    def weight_loss(self, q_weight: Tensor, k_weight: Tensor) -> float:
+        """The (weighted) data term for attention computed with these effective q/k weights."""
+        return self.weights.data * 0.5 * self.squared_error(q_weight, k_weight)
 
-    def loss_and_grad(self, params: Params) -> tuple[float, Params]:
-        q, k = self.masked_weights(params)
-        data = torch.zeros((), dtype=q.dtype, device=q.device)
-        grad_q, grad_k = torch.zeros_like(q), torch.zeros_like(k)
+    def weight_loss_and_grad(self, q_weight: Tensor, k_weight: Tensor) -> tuple[float, Tensor, Tensor]:
+        """The data term and its gradient w.r.t. the effective q/k weights (nn.Linear layout)."""
+        data = torch.zeros((), dtype=q_weight.dtype, device=q_weight.device)
+        grad_q, grad_k = torch.zeros_like(q_weight), torch.zeros_like(k_weight)
         for batch, target in zip(self.batches, self.targets):
-            fwd = self._forward(batch, q, k)
+            fwd = self._forward(batch, q_weight, k_weight)
             loss, grad_logits = softmax_loss_and_logit_grad(fwd.probs, target)
             data = data + loss
             gq, gk = fwd.backward(grad_logits, batch)
             grad_q += gq
             grad_k += gk
-        w = self.weights
+        scale = self.weights.data
+        return float(scale * data), scale * grad_q, scale * grad_k
+
+    def loss(self, params: Params) -> float:
+        return self.weight_loss(*self.masked_weights(params)) + float(self._penalty(params))
+
+    def loss_and_grad(self, params: Params) -> tuple[float, Params]:
+        """Chain rule through W_eff = M o W: grad_M = W o grad_W_eff + lambda * M (weighted)."""
+        data, grad_q, grad_k = self.weight_loss_and_grad(*self.masked_weights(params))
         full = {"q": grad_q * self.q_weight, "k": grad_k * self.k_weight}
-        grads = tuple(w.data * full[name] + self.lam * w.penalty * p for name, p in zip(self.optimize, params))
-        return float(w.data * data + self._penalty(params)), grads
+        grads = tuple(full[name] + self.lam * self.weights.penalty * p for name, p in zip(self.optimize, params))
+        return data + float(self._penalty(params)), grads
+
+
+class KeptWeightsObjective:
+    """The data term as a function of the values of the kept entries, the binary pattern B held fixed.
+
+    Parameters are (V_Q, V_K) for the optimised sides; the weights used are B o V, so pruned entries stay exactly
+    zero. Descending it refits the kept weights to the non-linear objective (method.md section 7, extension).
+    """
+
+    def __init__(self, objective: FactoredAttentionObjective, keep: dict[str, Tensor],
+                 start: dict[str, Tensor]) -> None:
+        self.objective = objective
+        self.names = tuple(name for name in ("q", "k") if name in keep)
+        self.keep = {name: keep[name].to(objective.q_weight.dtype) for name in self.names}
+        self.start = start
+
+    def initial_params(self) -> Params:
+        return tuple(self.start[name] * self.keep[name] for name in self.names)
+
+    def effective(self, params: Params) -> tuple[Tensor, Tensor]:
+        values = dict(zip(self.names, params))
+        q = values["q"] * self.keep["q"] if "q" in values else self.objective.q_weight
+        k = values["k"] * self.keep["k"] if "k" in values else self.objective.k_weight
+        return q, k
+
+    def loss(self, params: Params) -> float:
+        return self.objective.weight_loss(*self.effective(params))
+
+    def loss_and_grad(self, params: Params) -> tuple[float, Params]:
+        data, grad_q, grad_k = self.objective.weight_loss_and_grad(*self.effective(params))
+        grads = {"q": grad_q, "k": grad_k}
+        return data, tuple(grads[name] * self.keep[name] for name in self.names)

@@ -1,4 +1,5 @@
-"""Algorithm 1 of the paper: gradient descent on the relaxed mask, from M0 = 1, kept in [0, 1].
+"""Algorithm 1 of the paper: gradient descent on the relaxed mask, from M0 = 1, kept in [0, 1]; and Adam for
+refitting kept weights (unconstrained, badly scaled: plain gradient steps crawl there).
 
 The gradient scales like ||X||^2 ||W||^2 * scaling, so no single step size suits every layer (method.md
 section 4). The step is therefore expressed scale-free: ``step_size`` is the largest change of any mask entry in
@@ -97,4 +98,40 @@ def solve(objective: Objective, config: SolverConfig = SolverConfig(), init: Par
             break
         if config.line_search:
             eta *= config.growth
+    return result
+
+
+@dataclass(frozen=True)
+class AdamConfig:
+    """Adam on unconstrained parameters; ``lr`` is relative: each parameter's step is ``lr * scale``."""
+
+    iterations: int = 100
+    lr: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def adam(objective: Objective, config: AdamConfig, scales: tuple[float, ...] | None = None) -> SolverResult:
+    """torch.optim.Adam from ``objective.initial_params()``; returns the iterate with the lowest loss seen."""
+    params = [p.clone() for p in objective.initial_params()]
+    scales = scales or (1.0,) * len(params)
+    optimizer = torch.optim.Adam([{"params": [p], "lr": config.lr * s} for p, s in zip(params, scales)],
+                                 betas=config.betas)
+    result = SolverResult(masks=tuple(p.clone() for p in params), iterations=config.iterations)
+    best = float("inf")
+    for step in range(config.iterations + 1):
+        loss, grads = objective.loss_and_grad(tuple(params))
+        result.loss_history.append(loss)
+        if loss < best:
+            best, result.masks = loss, tuple(p.clone() for p in params)
+        if step == config.iterations:
+            break
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
     return result

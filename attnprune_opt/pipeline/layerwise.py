@@ -38,13 +38,15 @@ class ModuleReport:
 
 @dataclass
 class AttentionReport:
-    """Relative attention error on calibration inputs, before (binarised M0 = 1, i.e. magnitude) and after."""
+    """Relative attention errors on calibration inputs: magnitude pruning (reference), the chosen pattern with the
+    original weights, and the final weights after refitting."""
 
-    error_before: float
-    error_after: float
-    final_loss: float
-    iterations: int
-    converged: bool
+    error_magnitude: float
+    error_mask: float
+    error_final: float
+    descent_iterations: int
+    refit_loss_first: float | None
+    refit_loss_last: float | None
     seconds: float
 
 
@@ -116,7 +118,7 @@ def prune_layers(
         report.peak_rss_mb = peak_rss_mb()
         reports.append(report)
         if report.attention is not None:
-            bar.set_postfix(attn_err=f"{report.attention.error_after:.4f}")
+            bar.set_postfix(attn_err=f"{report.attention.error_final:.4f}")
         if on_layer is not None:
             on_layer(report)
     return reports
@@ -143,8 +145,10 @@ def _prune_layer(adapter: LlamaFamilyAdapter, index: int, layer: nn.Module, inpu
     if attention_rules:
         result = _prune_attention_modules(adapter, layer, linears, recorded.tensors["q_proj"], inputs,
                                           attention_rules, config)
-        report.attention = AttentionReport(result.error_before, result.error_after, result.final_loss,
-                                           result.iterations, result.converged, result.seconds)
+        refit = result.refit_loss
+        report.attention = AttentionReport(result.error_magnitude, result.error_mask, result.error_final,
+                                           result.descent_iterations, refit[0] if refit else None,
+                                           refit[-1] if refit else None, result.seconds)
         for module, weight in result.weights.items():
             write_parameter(linears[module], "weight", weight)
     for module, rule in rules.items():
@@ -172,7 +176,7 @@ def _prune_attention_modules(adapter: LlamaFamilyAdapter, layer: nn.Module, line
             bias = linears[module].bias
             biases[module] = None if bias is None else bias.detach().clone()
     return prune_attention(weights, biases, AttentionInputs(xs, cos, sin), adapter.geometry(layer), rules,
-                           config.attention)
+                           config.attention, config.sparsegpt)
 
 
 def _check_weight_finite(linear: nn.Linear, name: str) -> None:

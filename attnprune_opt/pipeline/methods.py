@@ -17,12 +17,15 @@ from ..core import (
     FactoredAttentionObjective,
     InputStatistics,
     SolverConfig,
-    binarize,
     magnitude_mask,
+    n_m_mask,
     solve,
     sparsegpt,
+    topk_mask,
     wanda_mask,
 )
+from ..core.objective import KeptWeightsObjective
+from ..core.solver import AdamConfig, adam
 from ..models.adapters import AttentionGeometry
 
 SOLVE_DTYPE = torch.float32
@@ -47,17 +50,69 @@ class AttentionInputs:
 
 @dataclass
 class AttentionResult:
-    """Pruned q/k weights and the figures of the descent; errors are relative attention errors on the
-    calibration inputs, ``error_before`` for the binarised M0 = 1 (magnitude pruning), ``error_after`` for M_T."""
+    """Pruned q/k weights and the figures of the run. Errors are relative attention errors on the calibration
+    inputs: ``error_magnitude`` of magnitude pruning at the same sparsity (a reference), ``error_mask`` of the
+    chosen pattern with the original weights, ``error_final`` after refitting the kept weights."""
 
     weights: dict[str, Tensor]
-    error_before: float
-    error_after: float
-    final_loss: float
-    iterations: int
-    converged: bool
+    error_magnitude: float
+    error_mask: float
+    error_final: float
+    descent_iterations: int
+    refit_loss: list[float]
     seconds: float
-    loss_histories: list[list[float]] = field(default_factory=list)
+
+
+class _Layer:
+    """The method's view of one layer's attention: dense q/k weights, calibration inputs, and the objective.
+
+    The loss separates over KV groups. The descent (projected GD with a line search) therefore runs per group, so
+    each gets its own step size; Adam is elementwise, so the refit runs on all heads at once, which is the same
+    descent with fewer, larger matrix products.
+    """
+
+    def __init__(self, weights: dict[str, Tensor], biases: dict[str, Tensor | None], inputs: AttentionInputs,
+                 geometry: AttentionGeometry, targets: tuple[str, ...], lam: float) -> None:
+        self.geometry = geometry
+        self.targets = targets  # "q_proj" and/or "k_proj"
+        self.dense = {name: weights[name].to(SOLVE_DTYPE) for name in ("q_proj", "k_proj")}
+        self.biases = {name: _as_solve(biases.get(name)) for name in ("q_proj", "k_proj")}
+        self.batches = inputs.batches()
+        self.rope = {"cos": _as_solve(inputs.cos), "sin": _as_solve(inputs.sin)}
+        self.lam = lam
+        self.objective = self._objective(slice(None), slice(None))
+
+    def _objective(self, q_rows: slice, k_rows: slice) -> FactoredAttentionObjective:
+        return FactoredAttentionObjective(
+            self.batches, self.dense["q_proj"][q_rows], self.dense["k_proj"][k_rows],
+            head_dim=self.geometry.head_dim, **self.rope, q_bias=_rows(self.biases["q_proj"], q_rows),
+            k_bias=_rows(self.biases["k_proj"], k_rows), scaling=self.geometry.scaling, lam=self.lam,
+            optimize=tuple(name[0] for name in self.targets))
+
+    def error(self, weights: dict[str, Tensor]) -> float:
+        """Relative attention error of the layer with these q/k weights (dense where not given)."""
+        full = {**self.dense, **{name: w.to(SOLVE_DTYPE) for name, w in weights.items()}}
+        return self.objective.squared_error(full["q_proj"], full["k_proj"]) / self.objective.target_energy
+
+    def descent(self, solver: SolverConfig) -> tuple[dict[str, Tensor], int]:
+        """Algorithm 1 per KV group: the relaxed masks M_T assembled over the whole matrices."""
+        relaxed = {name: torch.ones_like(self.dense[name]) for name in self.targets}
+        iterations, head_dim, q_rows = 0, self.geometry.head_dim, self.geometry.group_size * self.geometry.head_dim
+        for g in range(self.geometry.num_kv_heads):
+            rows = {"q_proj": slice(g * q_rows, (g + 1) * q_rows), "k_proj": slice(g * head_dim, (g + 1) * head_dim)}
+            result = solve(self._objective(rows["q_proj"], rows["k_proj"]), solver)
+            for name, mask in zip(self.targets, result.masks):
+                relaxed[name][rows[name]] = mask
+            iterations = max(iterations, result.iterations)
+        return relaxed, iterations
+
+    def refit(self, start: dict[str, Tensor], config: AdamConfig) -> tuple[dict[str, Tensor], list[float]]:
+        """Adam on the kept entries against the attention loss; pruned entries stay exactly zero."""
+        kept = KeptWeightsObjective(self.objective, keep={name[0]: start[name] != 0 for name in self.targets},
+                                    start={name[0]: start[name].to(SOLVE_DTYPE) for name in self.targets})
+        result = adam(kept, config, tuple(_rms(self.dense[name]) for name in self.targets))
+        fitted = dict(zip(("q_proj", "k_proj"), kept.effective(result.masks)))
+        return {name: fitted[name] for name in self.targets}, result.loss_history
 
 
 def prune_attention(
@@ -67,55 +122,62 @@ def prune_attention(
     geometry: AttentionGeometry,
     rules: dict[str, PruneRule],
     settings: AttentionSettings,
+    sparsegpt_settings: SparseGPTSettings = SparseGPTSettings(),
 ) -> AttentionResult:
-    """Solve the q/k masks of one layer, one KV group at a time (the loss separates over groups), then binarise
-    each module with its rule over whole matrices so 'row', 'head' and 'matrix' groups mean what they say."""
-    start = time.perf_counter()
-    optimize = tuple(name for name in ("q_proj", "k_proj") if name in rules)
-    solver = SolverConfig(iterations=settings.iterations, step_size=settings.step_size, tol=settings.tol,
-                          line_search=settings.line_search)
-    full = {name: weights[name].to(SOLVE_DTYPE) for name in ("q_proj", "k_proj")}
-    batches = inputs.batches()
-    relaxed = {name: torch.ones_like(w) for name, w in full.items()}
-    groups, histories = [], []
-    for g in range(geometry.num_kv_heads):
-        q_rows = geometry.group_size * geometry.head_dim
-        rows = {"q_proj": slice(g * q_rows, (g + 1) * q_rows),
-                "k_proj": slice(g * geometry.head_dim, (g + 1) * geometry.head_dim)}
-        objective = FactoredAttentionObjective(
-            batches, full["q_proj"][rows["q_proj"]], full["k_proj"][rows["k_proj"]], head_dim=geometry.head_dim,
-            cos=_as_solve(inputs.cos), sin=_as_solve(inputs.sin),
-            q_bias=_as_solve(biases.get("q_proj"), rows["q_proj"]),
-            k_bias=_as_solve(biases.get("k_proj"), rows["k_proj"]),
-            scaling=geometry.scaling, lam=settings.lam, optimize=tuple(name[0] for name in optimize))
-        result = solve(objective, solver)
-        for name, mask in zip(optimize, result.masks):
-            relaxed[name][rows[name]] = mask
-        groups.append((objective, rows, result))
-        histories.append(result.loss_history)
+    """The method on one layer's q_proj/k_proj: choose the pattern (``settings.mask``), then refit the kept
+    weights to the non-linear attention objective (``settings.refit_iterations`` Adam steps)."""
+    start_time = time.perf_counter()
+    targets = tuple(name for name in ("q_proj", "k_proj") if name in rules)
+    layer = _Layer(weights, biases, inputs, geometry, targets, settings.lam)
+    descent_iterations = 0
 
-    def binarise(masks: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {name: binarize(masks[name], full[name], rule.sparsity, group=settings.group, score=settings.score,
-                               rows_per_group=geometry.head_dim, n_m=rule.n_m)
-                for name, rule in rules.items()}
+    def select(scores: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: layer.dense[name] * _keep(scores[name], rules[name], settings, geometry)
+                for name in targets}
 
-    def error(keep: dict[str, Tensor]) -> float:
-        numerator = sum(objective.squared_error(tuple(keep[name][rows[name]].to(SOLVE_DTYPE) for name in optimize))
-                        for objective, rows, _ in groups)
-        return numerator / sum(objective.target_energy for objective, _, _ in groups)
-
-    keep = binarise(relaxed)
-    results = [result for _, _, result in groups]
+    magnitude = select({name: layer.dense[name].abs() for name in targets})
+    if settings.mask == "magnitude":
+        start = magnitude
+    elif settings.mask == "wanda":
+        norms = _input_statistics(inputs, hessian=False).column_norms.to(SOLVE_DTYPE)
+        start = select({name: layer.dense[name].abs() * norms for name in targets})
+    elif settings.mask == "sparsegpt":
+        hessian = _input_statistics(inputs, hessian=True).hessian
+        start = {name: sparsegpt(layer.dense[name], hessian, rules[name].sparsity, n_m=rules[name].n_m,
+                                 group="row" if settings.group == "row" else "matrix",
+                                 blocksize=sparsegpt_settings.blocksize, percdamp=sparsegpt_settings.percdamp)[0]
+                 for name in targets}
+    else:
+        relaxed, descent_iterations = layer.descent(SolverConfig(
+            iterations=settings.iterations, step_size=settings.step_size, tol=settings.tol,
+            line_search=settings.line_search))
+        score = {name: relaxed[name] * (layer.dense[name].abs() if settings.score == "mask_weight" else 1)
+                 for name in targets}
+        start = select(score)
+    final, history = start, []
+    if settings.refit_iterations:
+        final, history = layer.refit(start, AdamConfig(iterations=settings.refit_iterations, lr=settings.refit_lr))
     return AttentionResult(
-        weights={name: weights[name] * keep[name].to(weights[name].dtype) for name in rules},
-        error_before=error(binarise({name: torch.ones_like(m) for name, m in relaxed.items()})),
-        error_after=error(keep),
-        final_loss=sum(r.loss_history[-1] for r in results) / len(results),
-        iterations=max(r.iterations for r in results),
-        converged=all(r.converged for r in results),
-        seconds=time.perf_counter() - start,
-        loss_histories=histories,
-    )
+        weights={name: final[name].to(weights[name].dtype) for name in targets},
+        error_magnitude=layer.error(magnitude), error_mask=layer.error(start), error_final=layer.error(final),
+        descent_iterations=descent_iterations, refit_loss=history, seconds=time.perf_counter() - start_time)
+
+
+def _keep(scores: Tensor, rule: PruneRule, settings: AttentionSettings, geometry: AttentionGeometry) -> Tensor:
+    if rule.n_m is not None:
+        return n_m_mask(scores, *rule.n_m)
+    return topk_mask(scores, rule.sparsity, settings.group, rows_per_group=geometry.head_dim)
+
+
+def _input_statistics(inputs: AttentionInputs, hessian: bool) -> InputStatistics:
+    stats = InputStatistics(inputs.xs[0].shape[-1], hessian=hessian)
+    for x in inputs.xs:
+        stats.update(x)
+    return stats
+
+
+def _rms(t: Tensor) -> float:
+    return float(t.pow(2).mean().sqrt()) or 1.0
 
 
 def prune_linear(weight: Tensor, rule: PruneRule, stats: InputStatistics | None,
@@ -135,5 +197,9 @@ def prune_linear(weight: Tensor, rule: PruneRule, stats: InputStatistics | None,
     raise ValueError(f"{rule.method!r} is not a linear pruning method")
 
 
-def _as_solve(t: Tensor | None, rows: slice = slice(None)) -> Tensor | None:
-    return None if t is None else t[rows].to(SOLVE_DTYPE)
+def _as_solve(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.to(SOLVE_DTYPE)
+
+
+def _rows(t: Tensor | None, rows: slice) -> Tensor | None:
+    return None if t is None else t[rows]
