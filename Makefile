@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(PY) benchmarks/synthetic.py --quick --out out/demo
+	$(VENV)/bin/attnprune-opt prune --recipe recipes/smollm2_qk50.yaml --output out/demo --overwrite
 
 test: install
 	$(PY) -m pytest

@@ -20,6 +20,7 @@ from .config import PrunerConfig
 from .data import CalibrationSet, CalibrationSpec, load_calibration
 from .errors import CalibrationDataError
 from .models.adapters import get_adapter
+from .models.loading import SOURCE_ATTR
 from .models.offload import evaluating
 from .pipeline.capture import capture_layer_inputs
 from .pipeline.layerwise import check_config_fits, peak_rss_mb, prune_layers
@@ -68,6 +69,7 @@ class AttentionPruner:
         self.tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         self.report = PruneReport(
             model={"name": getattr(model, "name_or_path", None) or model.config.name_or_path,
+                   "source": getattr(model, SOURCE_ATTR, None),  # what load_model was given: the dense reference
                    "model_type": model.config.model_type, "num_layers": len(adapter.layers)},
             calibration=calib.provenance(), layers=layers, seconds=time.perf_counter() - start,
             peak_rss_mb=peak_rss_mb())

@@ -82,6 +82,11 @@ class LlamaFamilyAdapter:
         return window
 
     @staticmethod
+    def attention_input(layer: nn.Module, hidden: Tensor) -> Tensor:
+        """What q_proj and k_proj read: the layer input after the pre-attention norm."""
+        return layer.input_layernorm(hidden)
+
+    @staticmethod
     def rope_tables(layer_kwargs: dict) -> tuple[Tensor, Tensor]:
         """(cos, sin) of shape (n, head_dim) for one captured sequence, as the model's rotary module made them."""
         cos, sin = layer_kwargs["position_embeddings"]

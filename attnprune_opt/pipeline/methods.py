@@ -106,13 +106,14 @@ class _Layer:
             iterations = max(iterations, result.iterations)
         return relaxed, iterations
 
-    def refit(self, start: dict[str, Tensor], config: AdamConfig) -> tuple[dict[str, Tensor], list[float]]:
+    def refit(self, start: dict[str, Tensor], keep: dict[str, Tensor],
+              config: AdamConfig) -> tuple[dict[str, Tensor], list[float]]:
         """Adam on the kept entries against the attention loss; pruned entries stay exactly zero."""
-        kept = KeptWeightsObjective(self.objective, keep={name[0]: start[name] != 0 for name in self.targets},
+        kept = KeptWeightsObjective(self.objective, keep={name[0]: keep[name] for name in self.targets},
                                     start={name[0]: start[name].to(SOLVE_DTYPE) for name in self.targets})
         result = adam(kept, config, tuple(_rms(self.dense[name]) for name in self.targets))
         fitted = dict(zip(("q_proj", "k_proj"), kept.effective(result.masks)))
-        return {name: fitted[name] for name in self.targets}, result.loss_history
+        return {name: apply_mask(fitted[name], keep[name]) for name in self.targets}, result.loss_history
 
 
 def prune_attention(
@@ -131,36 +132,46 @@ def prune_attention(
     layer = _Layer(weights, biases, inputs, geometry, targets, settings.lam)
     descent_iterations = 0
 
-    def select(scores: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {name: layer.dense[name] * _keep(scores[name], rules[name], settings, geometry)
-                for name in targets}
+    def keep_top(scores: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: _keep(scores[name], rules[name], settings, geometry) for name in targets}
 
-    magnitude = select({name: layer.dense[name].abs() for name in targets})
+    magnitude = keep_top({name: layer.dense[name].abs() for name in targets})
+    start = layer.dense
     if settings.mask == "magnitude":
-        start = magnitude
+        keep = magnitude
     elif settings.mask == "wanda":
         norms = _input_statistics(inputs, hessian=False).column_norms.to(SOLVE_DTYPE)
-        start = select({name: layer.dense[name].abs() * norms for name in targets})
-    elif settings.mask == "sparsegpt":
+        keep = keep_top({name: layer.dense[name].abs() * norms for name in targets})
+    elif settings.mask == "sparsegpt":  # its pattern, and its updated weights as the refit's start
         hessian = _input_statistics(inputs, hessian=True).hessian
-        start = {name: sparsegpt(layer.dense[name], hessian, rules[name].sparsity, n_m=rules[name].n_m,
-                                 group="row" if settings.group == "row" else "matrix",
-                                 blocksize=sparsegpt_settings.blocksize, percdamp=sparsegpt_settings.percdamp)[0]
-                 for name in targets}
+        solved = {name: sparsegpt(layer.dense[name], hessian, rules[name].sparsity, n_m=rules[name].n_m,
+                                  group="row" if settings.group == "row" else "matrix",
+                                  blocksize=sparsegpt_settings.blocksize, percdamp=sparsegpt_settings.percdamp)
+                  for name in targets}
+        start = {name: solved[name][0] for name in targets}
+        keep = {name: solved[name][1] for name in targets}
     else:
         relaxed, descent_iterations = layer.descent(SolverConfig(
             iterations=settings.iterations, step_size=settings.step_size, tol=settings.tol,
             line_search=settings.line_search))
-        score = {name: relaxed[name] * (layer.dense[name].abs() if settings.score == "mask_weight" else 1)
-                 for name in targets}
-        start = select(score)
-    final, history = start, []
+        keep = keep_top({name: relaxed[name] * (layer.dense[name].abs() if settings.score == "mask_weight" else 1)
+                         for name in targets})
+    pattern = {name: apply_mask(start[name], keep[name]) for name in targets}
+    final, history = pattern, []
     if settings.refit_iterations:
-        final, history = layer.refit(start, AdamConfig(iterations=settings.refit_iterations, lr=settings.refit_lr))
+        final, history = layer.refit(pattern, keep, AdamConfig(iterations=settings.refit_iterations,
+                                                               lr=settings.refit_lr))
     return AttentionResult(
         weights={name: final[name].to(weights[name].dtype) for name in targets},
-        error_magnitude=layer.error(magnitude), error_mask=layer.error(start), error_final=layer.error(final),
+        error_magnitude=layer.error({name: apply_mask(layer.dense[name], magnitude[name]) for name in targets}),
+        error_mask=layer.error(pattern), error_final=layer.error(final),
         descent_iterations=descent_iterations, refit_loss=history, seconds=time.perf_counter() - start_time)
+
+
+def apply_mask(weight: Tensor, keep: Tensor) -> Tensor:
+    """Pruned entries set to +0.0 (multiplying by the mask would leave -0.0 for negative weights, which a
+    sparse format storing "non-zeros" would then keep or lose inconsistently)."""
+    return weight.masked_fill(~keep, 0.0)
 
 
 def _keep(scores: Tensor, rule: PruneRule, settings: AttentionSettings, geometry: AttentionGeometry) -> Tensor:
@@ -185,11 +196,11 @@ def prune_linear(weight: Tensor, rule: PruneRule, stats: InputStatistics | None,
     """A linear baseline on one weight; magnitude and Wanda keep the surviving values bit for bit, SparseGPT
     updates them to compensate for the pruned ones."""
     if rule.method == "magnitude":
-        return weight * magnitude_mask(weight, rule.sparsity, n_m=rule.n_m).to(weight.dtype)
+        return apply_mask(weight, magnitude_mask(weight, rule.sparsity, n_m=rule.n_m))
     if stats is None:
         raise ValueError(f"{rule.method} needs calibration statistics of the layer input")
     if rule.method == "wanda":
-        return weight * wanda_mask(weight.float(), stats.column_norms, rule.sparsity, n_m=rule.n_m).to(weight.dtype)
+        return apply_mask(weight, wanda_mask(weight.float(), stats.column_norms, rule.sparsity, n_m=rule.n_m))
     if rule.method == "sparsegpt":
         updated, _ = sparsegpt(weight, stats.hessian, rule.sparsity, n_m=rule.n_m, blocksize=settings.blocksize,
                                percdamp=settings.percdamp)

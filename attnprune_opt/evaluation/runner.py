@@ -1,0 +1,99 @@
+"""One evaluation of a model, as one JSON-ready result: perplexities, the attention error against a dense reference,
+and lm-eval task accuracies, each with the protocol parameters and data file hashes it was computed with.
+
+The standard protocol is ``shared/data/README.md``'s. ``quick`` scores the first 64 WikiText-2 windows (the README's
+quick variant) and the first 32 of the 128 C4 documents (ours); its figures are not comparable with full ones, and
+the result says so.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from attnprune_opt.errors import ConfigError
+from attnprune_opt.evaluation.attention_error import attention_error
+from attnprune_opt.evaluation.lm_eval_tasks import LOCAL_TASKS, run_lm_eval
+from attnprune_opt.evaluation.perplexity import C4_EVAL_ROWS, QUICK_WINDOWS, c4_perplexity, wikitext2_perplexity
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+PERPLEXITY_SETS = ("wikitext2", "c4")
+QUICK_DOCUMENTS = 32
+DEFAULT_BATCH_SIZE = 4
+
+
+def check_request(perplexity: Iterable[str], tasks: Iterable[str], batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+    """Unknown perplexity sets or tasks and a bad batch size fail here, before any model is loaded or run."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    for kind, names, known in (("perplexity data set", perplexity, PERPLEXITY_SETS), ("task", tasks, LOCAL_TASKS)):
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise ConfigError(f"unknown {kind} {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    dense_model: PreTrainedModel | None = None,
+    perplexity: Sequence[str] = PERPLEXITY_SETS,
+    quick: bool = False,
+    tasks: Sequence[str] = (),
+    limit: int | float | None = None,
+    windows: int | None = None,
+    documents: int | None = None,
+    seq_len: int = 512,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    model_info: Mapping[str, Any] | None = None,
+    data_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``model``; the attention error needs ``dense_model``, the task accuracies ``tasks``.
+
+    ``windows`` caps the WikiText-2 windows (default all, 64 when ``quick``); ``documents`` is the number of C4
+    documents from row 1000 (default 128, 32 when ``quick``); ``limit`` caps lm-eval's documents per task.
+    ``model_info`` describes the model in the result (name, method, sparsity...; the name defaults to its
+    name_or_path); reports label and group models by it.
+    """
+    check_request(perplexity, tasks, batch_size)
+    windows = QUICK_WINDOWS if windows is None and quick else windows
+    documents = documents if documents is not None else QUICK_DOCUMENTS if quick else C4_EVAL_ROWS[1] - C4_EVAL_ROWS[0]
+    if documents < 1:
+        raise ConfigError(f"documents must be >= 1, got {documents}")
+    c4_rows = (C4_EVAL_ROWS[0], C4_EVAL_ROWS[0] + documents)
+    started = time.perf_counter()
+    result: dict[str, Any] = {
+        "model": {"name": getattr(model, "name_or_path", None) or model.config.name_or_path, **(model_info or {})},
+        "protocol": {
+            "quick": quick,
+            "wikitext2_windows": windows,
+            "c4_rows": list(c4_rows),
+            "seq_len": seq_len,
+            "batch_size": batch_size,
+            "lm_eval_limit": limit,
+            "note": (f"quick: the first {windows} WikiText-2 windows and C4 rows [{c4_rows[0]}, {c4_rows[1]}) "
+                     "instead of the standard protocol; not comparable with full figures") if quick else None,
+        },
+        "attention_error": None,
+        "perplexity": {},
+        "tasks": {},
+    }
+    if dense_model is not None:
+        result["attention_error"] = attention_error(dense_model, model, tokenizer, data_dir=data_dir,
+                                                    progress=progress)
+    common = dict(seq_len=seq_len, data_dir=data_dir, batch_size=batch_size, progress=progress)
+    if "wikitext2" in perplexity:
+        result["perplexity"]["wikitext2"] = wikitext2_perplexity(model, tokenizer, max_windows=windows,
+                                                                 **common).to_dict()
+    if "c4" in perplexity:
+        result["perplexity"]["c4"] = c4_perplexity(model, tokenizer, rows=c4_rows, **common).to_dict()
+    if tasks:
+        result["tasks"] = run_lm_eval(model, tokenizer, list(tasks), limit=limit, batch_size=batch_size,
+                                      data_dir=data_dir)
+    result["seconds"] = time.perf_counter() - started
+    return result

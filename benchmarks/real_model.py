@@ -1,0 +1,234 @@
+"""The method against Wanda, SparseGPT and magnitude pruning on a real model (SmolLM2-135M), at equal sparsity.
+
+Configurations: dense; q/k at 50% and at 70%; q/k at 2:4 (each with the method, Wanda, SparseGPT, magnitude); the
+whole model at 50% (the method on q/k with SparseGPT elsewhere, against SparseGPT and Wanda everywhere).
+Calibration: C4 rows 0-7 x 512 tokens (the standard protocol). Each pruning runs in its own process through the
+CLI, so its wall time and peak RSS are its own; its output folder is then evaluated here against the dense model:
+WikiText-2 and C4 perplexity, the attention error (C4 rows 1000-1007, 256 tokens, from the dense model's layer
+inputs) and lm-eval accuracy on a subset. ``--quick``: the README's quick protocol (64 WikiText-2 windows, the
+first 32 C4 documents) and 50 examples per task; the full run: all windows, 128 documents, 500 examples.
+
+Writes real_model.json (one record per configuration), real_model.md and real_model.png into --out.
+Usage: python benchmarks/real_model.py [--quick] --out DIR [--overwrite] [--only CONFIG ...] [--readme]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from attnprune_opt.atomic import atomic_output_dir, check_output_dir
+from attnprune_opt.evaluation.runner import evaluate
+from attnprune_opt.export.load import load_pruned_model, read_manifest
+from attnprune_opt.models.loading import load_model, load_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+TASKS = ("arc_easy", "piqa")
+QK = ["q_proj", "k_proj"]
+REST = ["v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL = QK + REST
+CALIBRATION = {"source": "c4", "num_samples": 8, "seq_len": 512}
+METHOD_COLORS = {"attention": "C0", "attention+sparsegpt": "C0", "wanda": "C1", "sparsegpt": "C2", "magnitude": "C3"}
+
+
+def _rule(modules: list[str], method: str, sparsity: float | None, structure: str) -> dict:
+    rule = {"modules": modules, "method": method, "structure": structure}
+    return rule if sparsity is None else {**rule, "sparsity": sparsity}
+
+
+def configurations() -> list[dict]:
+    """Every run of the benchmark: its name, the method label, and the recipe it prunes with."""
+    runs = [{"config": "dense", "method": "dense", "targets": "none", "sparsity": 0.0, "structure": "dense",
+             "recipe": None}]
+    for name, sparsity, structure in (("qk50", 0.5, "unstructured"), ("qk70", 0.7, "unstructured"),
+                                      ("qk_2of4", None, "2:4")):
+        for method in ("attention", "wanda", "sparsegpt", "magnitude"):
+            runs.append({"config": name, "method": method, "targets": "q_proj,k_proj",
+                         "sparsity": sparsity or 0.5, "structure": structure,
+                         "recipe": {"rules": [_rule(QK, method, sparsity, structure)]}})
+    whole = [("attention+sparsegpt", [_rule(QK, "attention", 0.5, "unstructured"),
+                                      _rule(REST, "sparsegpt", 0.5, "unstructured")]),
+             ("sparsegpt", [_rule(ALL, "sparsegpt", 0.5, "unstructured")]),
+             ("wanda", [_rule(ALL, "wanda", 0.5, "unstructured")])]
+    for method, rules in whole:
+        runs.append({"config": "whole50", "method": method, "targets": "all linears", "sparsity": 0.5,
+                     "structure": "unstructured", "recipe": {"rules": rules}})
+    for run in runs:
+        if run["recipe"] is not None:
+            run["recipe"] = {**run["recipe"], "calibration": CALIBRATION, "seed": 0}
+    return runs
+
+
+def prune(run: dict, work: Path) -> Path:
+    """Prune in a separate process (the CLI), so time and memory are measured for this run alone."""
+    recipe = work / f"{run['config']}_{run['method']}.yaml"
+    recipe.write_text(yaml.safe_dump(run["recipe"], sort_keys=False))
+    out = work / recipe.stem
+    subprocess.run([sys.executable, "-m", "attnprune_opt.cli", "prune", "--recipe", str(recipe), "--output",
+                    str(out), "--quiet"], check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def record(run: dict, result: dict, manifest: dict | None) -> dict:
+    report = (manifest or {}).get("report") or {}
+    return {
+        "config": run["config"], "method": run["method"], "targets": run["targets"], "sparsity": run["sparsity"],
+        "structure": run["structure"],
+        "wikitext2_ppl": result["perplexity"]["wikitext2"]["perplexity"],
+        "c4_ppl": result["perplexity"]["c4"]["perplexity"],
+        "attention_error": (result["attention_error"] or {"mean": 0.0})["mean"],
+        "lm_eval": {task: values.get("acc") for task, values in result["tasks"].items()},
+        "prune_seconds": report.get("seconds"),
+        "peak_rss_mb": report.get("peak_rss_mb"),
+        "measured_sparsity": (manifest or {}).get("sparsity", {}).get("pruned_weights"),
+        "protocol": result["protocol"],
+        "data_sha256": {key: result["perplexity"][key].get("sha256") for key in ("wikitext2", "c4")},
+    }
+
+
+def run_all(runs: list[dict], quick: bool, work: Path) -> list[dict]:
+    tokenizer = load_tokenizer()
+    dense = load_model().eval()
+    options = dict(quick=quick, tasks=TASKS, limit=50 if quick else 500, progress=False)
+    records = []
+    for run in runs:
+        start = time.perf_counter()
+        if run["recipe"] is None:
+            result, manifest = evaluate(dense, tokenizer, **options), None
+        else:
+            folder = prune(run, work)
+            manifest = read_manifest(folder)
+            model = load_pruned_model(folder).eval()
+            result = evaluate(model, tokenizer, dense_model=dense, **options)
+            del model
+        records.append(record(run, result, manifest))
+        print(f"{run['config']:8s} {run['method']:20s} done in {time.perf_counter() - start:.0f} s: "
+              f"{json.dumps({k: records[-1][k] for k in ('wikitext2_ppl', 'c4_ppl', 'attention_error')})}",
+              file=sys.stderr)
+    return records
+
+
+def markdown(records: list[dict]) -> str:
+    dense = next((r for r in records if r["config"] == "dense"), None)
+    lines = ["| config | method | sparsity | WikiText-2 ppl | C4 ppl | attention error | "
+             + " | ".join(f"{t} acc" for t in TASKS) + " | prune s | peak RSS MB |",
+             "|---|---|---|---|---|---|" + "---|" * len(TASKS) + "---|---|"]
+    for r in records:
+        accuracies = " | ".join(f"{r['lm_eval'].get(t, float('nan')):.3f}" for t in TASKS)
+        seconds = f"{r['prune_seconds']:.0f}" if r["prune_seconds"] is not None else "–"
+        rss = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "–"
+        sparsity = r["structure"] if r["structure"] not in ("unstructured", "dense") else f"{r['sparsity']:g}"
+        lines.append(f"| {r['config']} | {r['method']} | {sparsity} | "
+                     f"{r['wikitext2_ppl']:.2f} | {r['c4_ppl']:.2f} | {r['attention_error']:.4f} | {accuracies} | "
+                     f"{seconds} | {rss} |")
+    lines += ["", _ratios(records, dense)] if dense else []
+    return "\n".join(lines)
+
+
+def _ratios(records: list[dict], dense: dict) -> str:
+    """The issue's targets, as ratios measured in this run."""
+    out = ["| config | attention error ÷ best baseline | ppl increase ÷ best baseline's (WikiText-2, C4) | "
+           "prune time ÷ SparseGPT's |", "|---|---|---|---|"]
+    for config in dict.fromkeys(r["config"] for r in records if r["config"] not in ("dense", "whole50")):
+        group = {r["method"]: r for r in records if r["config"] == config}
+        ours = group.get("attention")
+        baselines = [group[m] for m in ("wanda", "sparsegpt") if m in group]
+        if not ours or not baselines:
+            continue
+        best_err = min(b["attention_error"] for b in baselines)
+        increases = []
+        for key in ("wikitext2_ppl", "c4_ppl"):
+            best = min(b[key] for b in baselines) - dense[key]
+            increases.append(f"{(ours[key] - dense[key]) / best:.2f}" if best > 0 else "–")
+        time_ratio = (f"{ours['prune_seconds'] / group['sparsegpt']['prune_seconds']:.1f}"
+                      if "sparsegpt" in group else "–")
+        out.append(f"| {config} | {ours['attention_error'] / best_err:.2f} | {', '.join(increases)} | {time_ratio} |")
+    whole = {r["method"]: r for r in records if r["config"] == "whole50"}
+    if "attention+sparsegpt" in whole and "sparsegpt" in whole:
+        ours, sgpt = whole["attention+sparsegpt"], whole["sparsegpt"]
+        out.append(f"| whole50 | {ours['attention_error'] / sgpt['attention_error']:.2f} (vs SparseGPT) | "
+                   f"WikiText-2 {ours['wikitext2_ppl']:.2f} vs {sgpt['wikitext2_ppl']:.2f}, "
+                   f"C4 {ours['c4_ppl']:.2f} vs {sgpt['c4_ppl']:.2f} | "
+                   f"{ours['prune_seconds'] / sgpt['prune_seconds']:.1f} |")
+    return "\n".join(out)
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pruned = [r for r in records if r["config"] != "dense"]
+    configs = list(dict.fromkeys(r["config"] for r in pruned))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, key, title in zip(axes, ("attention_error", "wikitext2_ppl", "c4_ppl"),
+                              ("attention error (mean over heads and layers)", "WikiText-2 perplexity",
+                               "C4 perplexity")):
+        for i, config in enumerate(configs):
+            group = [r for r in pruned if r["config"] == config]
+            for j, r in enumerate(group):
+                ax.bar(i + 0.2 * (j - (len(group) - 1) / 2), r[key], width=0.18,
+                       color=METHOD_COLORS.get(r["method"], "C5"), label=r["method"])
+        dense = next((r for r in records if r["config"] == "dense"), None)
+        if dense and key != "attention_error":
+            ax.axhline(dense[key], color="k", linestyle="--", linewidth=1, label="dense")
+        ax.set_xticks(range(len(configs)), configs)
+        ax.set_yscale("log")
+        ax.set_title(title)
+    handles, labels = axes[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    axes[2].legend(unique.values(), unique.keys(), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def update_readme(records: list[dict], quick: bool) -> None:
+    """Regenerate README.md's results section from this run's records."""
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"README.md lacks the {README_START} ... {README_END} markers")
+    body = (f"Generated by `python benchmarks/real_model.py{' --quick' if quick else ''} --readme` "
+            f"(SmolLM2-135M, CPU).\n\n{markdown(records)}\n")
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    readme.write_text(f"{head}{README_START}\n{body}{README_END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the short protocol")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--only", nargs="+", help="run only these configs (e.g. dense qk50)")
+    parser.add_argument("--readme", action="store_true", help="regenerate README.md's results section")
+    args = parser.parse_args(argv)
+    check_output_dir(args.out, args.overwrite)
+    runs = [r for r in configurations() if not args.only or r["config"] in args.only]
+    with tempfile.TemporaryDirectory(prefix="attnprune-bench-") as work:
+        records = run_all(runs, args.quick, Path(work))
+    table = markdown(records)
+    with atomic_output_dir(args.out, args.overwrite) as tmp:
+        (tmp / "real_model.json").write_text(json.dumps(records, indent=1))
+        (tmp / "real_model.md").write_text(f"# SmolLM2-135M: the method against linear pruning\n\n{table}\n")
+        plot(records, tmp / "real_model.png")
+    if args.readme:
+        update_readme(records, args.quick)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
