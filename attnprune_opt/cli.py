@@ -31,13 +31,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .pruner import AttentionPruner
 
     pruner = AttentionPruner.from_recipe(args.recipe)
-    overrides = {"layers": args.layers, "iterations": args.iterations}
-    if any(v is not None for v in overrides.values()):
+    if args.layers is not None or args.refit_iterations is not None:
         config = pruner.to_dict()
         if args.layers is not None:
             config["layers"] = args.layers
-        if args.iterations is not None:
-            config["attention"]["iterations"] = args.iterations
+        if args.refit_iterations is not None:
+            config["attention"]["refit_iterations"] = args.refit_iterations
         pruner = AttentionPruner.from_dict(config)
     check_output_dir(args.output, args.overwrite)  # fail before the expensive part
     name = args.model or pruner.config.model or DEFAULT_MODEL
@@ -46,7 +45,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model = load_model(name, trust_remote_code=args.trust_remote_code, device_map=_device_map(args.device_map),
                        offload_folder=args.offload_folder)
     pruner.prune_model(model, tokenizer, progress=not args.quiet)
-    out = pruner.save(model, args.output, overwrite=args.overwrite, format=args.format)
+    out = pruner.save(model, args.output, overwrite=args.overwrite, format=args.format,
+                      max_shard_size=args.max_shard_size)
     print(pruner.report.to_markdown())
     print(f"\n{_sizes_line(out)}\nsaved to {out}")
     return 0
@@ -169,10 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--format", default="dense", choices=("dense", "bitmask"),
                        help="saved weight format: dense, or pruned weights as compressed-tensors sparse bitmasks "
                             "(default: %(default)s)")
+    prune.add_argument("--max-shard-size", default="2GB", help="largest weight file, as for save_pretrained; saving "
+                                                                 "an offloaded model holds one shard in memory "
+                                                                 "(default: %(default)s)")
     prune.add_argument("--device-map", help="accelerate device map: 'auto', 'cpu' or a JSON object")
     prune.add_argument("--offload-folder", help="folder for disk-offloaded weights")
     prune.add_argument("--layers", type=int, nargs="+", help="prune only these decoder layers")
-    prune.add_argument("--iterations", type=int, help="override the recipe's solver iterations")
+    prune.add_argument("--refit-iterations", type=int, help="override the recipe's attention.refit_iterations "
+                                                            "(0: no refit, faster and weaker)")
     prune.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off)")
     prune.add_argument("--quiet", action="store_true", help="no progress bars")
     prune.set_defaults(func=cmd_prune)

@@ -3,7 +3,7 @@
 The embedded SmolLM2 is first written as a plain safetensors folder (GGUF must be dequantized in memory as a whole,
 which would hide the saving), then pruned twice by the CLI in separate processes with the same recipe: once
 loaded normally, once with decoder layers 2-29 on "disk". Each process's wall time and peak RSS are measured, and
-the two outputs are checked tensor for tensor.
+the two outputs are checked tensor for tensor. Both save in 100 MB shards.
 
 Usage: python benchmarks/offload_memory.py --out DIR [--recipe recipes/smollm2_qk50.yaml] [--overwrite]
 """
@@ -26,6 +26,7 @@ from attnprune_opt.atomic import atomic_output_dir, check_output_dir
 
 REPO = Path(__file__).resolve().parent.parent
 IN_RAM_LAYERS = 2
+SHARD = "100MB"  # saving holds one shard in memory; with one 540 MB shard the save alone would set the peak
 
 SAVE_DENSE = """
 import sys
@@ -65,14 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, "-c", SAVE_DENSE, str(work / "dense")], check=True)
         num_layers = json.loads((work / "dense" / "config.json").read_text())["num_hidden_layers"]
         prune = [sys.executable, "-m", "attnprune_opt.cli", "prune", "--recipe", str(args.recipe), "--model",
-                 str(work / "dense"), "--quiet"]
+                 str(work / "dense"), "--quiet", "--max-shard-size", SHARD]
         results = {
             "all layers in RAM": run_measured([*prune, "--output", str(work / "ram")]),
             f"layers {IN_RAM_LAYERS}-{num_layers - 1} on disk": run_measured(
                 [*prune, "--output", str(work / "disk"), "--device-map", json.dumps(device_map(num_layers)),
                  "--offload-folder", str(work / "offload")]),
         }
-        ram, disk = (load_file(work / name / "model.safetensors") for name in ("ram", "disk"))
+        ram, disk = ({k: v for f in sorted((work / name).glob("*.safetensors")) for k, v in load_file(f).items()}
+                     for name in ("ram", "disk"))
         identical = ram.keys() == disk.keys() and all(torch.equal(ram[k], disk[k]) for k in ram)
     lines = ["| run | wall time (s) | peak RSS (MB) |", "|---|---|---|"]
     lines += [f"| {name} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} |" for name, r in results.items()]

@@ -7,7 +7,11 @@ Each candidate setting prunes q_proj/k_proj of each layer at 50% with the produc
 scored by the relative attention error on the development inputs (held-out) and on the calibration inputs.
 Baselines (Wanda, SparseGPT, magnitude) are scored the same way.
 
-Usage: python benchmarks/tuning.py --out DIR [--layers 2 8 15 22 28] [--quick] [--overwrite]
+``--pipeline`` settles the choices that need the whole layer loop (which inputs feed the next layer): each candidate
+prunes all q/k at 50% and is scored by perplexity on WikiText-2 ``wiki.valid.raw`` (first 64 windows) and on C4
+development rows 1128-1159.
+
+Usage: python benchmarks/tuning.py --out DIR [--layers 2 8 15 22 28] [--quick] [--pipeline] [--overwrite]
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from attnprune_opt.atomic import atomic_output_dir, check_output_dir
 from attnprune_opt.config import AttentionSettings, PruneRule, SparseGPTSettings
 from attnprune_opt.core import InputStatistics, magnitude_mask, multihead_attention_probs, sparsegpt, wanda_mask
 from attnprune_opt.data import CalibrationSpec, load_calibration
+from attnprune_opt.evaluation.perplexity import c4_perplexity, wikitext2_perplexity
 from attnprune_opt.models.adapters import get_adapter
 from attnprune_opt.models.loading import load_model, load_tokenizer
 from attnprune_opt.pipeline.capture import capture_layer_inputs, record_linear_inputs, run_layer
 from attnprune_opt.pipeline.methods import AttentionInputs, prune_attention
+from attnprune_opt.pruner import AttentionPruner
 
 SPARSITY = 0.5
 DEV_ROWS = (1128, 1500)
@@ -145,6 +151,37 @@ def run(layers: list[int], quick: bool) -> list[dict]:
     return records
 
 
+PIPELINE_CANDIDATES = {"propagate pruned": {"propagate": "pruned"}, "propagate dense": {"propagate": "dense"}}
+
+
+def run_pipeline() -> list[dict]:
+    """Whole-model q/k 50% runs, scored by development perplexities."""
+    tokenizer = load_tokenizer()
+    records = []
+    for name, overrides in {"dense model": None, **PIPELINE_CANDIDATES}.items():
+        model = load_model().eval()
+        start = time.perf_counter()
+        if overrides is not None:
+            AttentionPruner(**overrides).prune_model(model, tokenizer, progress=False)
+        seconds = time.perf_counter() - start
+        wiki = wikitext2_perplexity(model, tokenizer, split="valid", max_windows=64, progress=False)
+        c4 = c4_perplexity(model, tokenizer, rows=(1128, 1160), progress=False)
+        records.append({"setting": name, "wikitext2_valid_ppl": wiki.perplexity, "c4_dev_ppl": c4.perplexity,
+                        "prune_seconds": seconds if overrides is not None else None})
+        print(f"{name:20s} wiki.valid {wiki.perplexity:.3f} c4 dev {c4.perplexity:.3f}", file=sys.stderr)
+    return records
+
+
+def pipeline_markdown(records: list[dict]) -> str:
+    lines = ["q_proj/k_proj at 50% with the default method; development perplexities (WikiText-2 wiki.valid.raw, "
+             "first 64 windows of 512; C4 rows 1128-1159, 512 tokens).", "",
+             "| setting | WikiText-2 valid ppl | C4 dev ppl | prune s |", "|---|---|---|---|"]
+    for r in records:
+        seconds = f"{r['prune_seconds']:.0f}" if r["prune_seconds"] is not None else "–"
+        lines.append(f"| {r['setting']} | {r['wikitext2_valid_ppl']:.3f} | {r['c4_dev_ppl']:.3f} | {seconds} |")
+    return "\n".join(lines)
+
+
 def markdown(records: list[dict]) -> str:
     settings = list(dict.fromkeys(r["setting"] for r in records))
     layers = sorted({r["layer"] for r in records})
@@ -173,11 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 15, 22, 28])
     parser.add_argument("--quick", action="store_true", help="four settings instead of the whole grid")
+    parser.add_argument("--pipeline", action="store_true", help="whole-model choices (propagation) instead")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     check_output_dir(args.out, args.overwrite)
-    records = run(args.layers, args.quick)
-    table = markdown(records)
+    if args.pipeline:
+        records = run_pipeline()
+        table = pipeline_markdown(records)
+    else:
+        records = run(args.layers, args.quick)
+        table = markdown(records)
     with atomic_output_dir(args.out, args.overwrite) as tmp:
         (tmp / "tuning.json").write_text(json.dumps(records, indent=1))
         (tmp / "tuning.md").write_text(f"# Tuning on development data\n\n{table}\n")

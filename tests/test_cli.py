@@ -48,6 +48,20 @@ def test_prune_end_to_end_and_refuse_to_clobber(model_dir, recipe, tmp_path, cap
     assert sorted(p.name for p in out.iterdir()) == before
 
 
+def test_overrides_reach_the_run_and_the_saved_recipe(model_dir, recipe, tmp_path):
+    """--layers and --refit-iterations change what runs (and are recorded); --max-shard-size shards the weights."""
+    out = tmp_path / "pruned"
+    assert main(["prune", "--recipe", str(recipe), "--model", str(model_dir), "--output", str(out), "--quiet",
+                 "--layers", "1", "--refit-iterations", "0", "--max-shard-size", "20KB"]) == 0
+    manifest = json.loads((out / "attnprune_manifest.json").read_text())
+    assert manifest["config"]["layers"] == [1] and manifest["config"]["attention"]["refit_iterations"] == 0
+    assert RECIPE["attention"] == {"iterations": 5}  # the user's recipe is untouched
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    pruned = AutoModelForCausalLM.from_pretrained(out)
+    assert (pruned.model.layers[1].self_attn.q_proj.weight == 0).float().mean() == 0.5
+    assert (pruned.model.layers[0].self_attn.q_proj.weight != 0).all()
+
+
 def test_bad_recipe_is_one_line_and_leaves_nothing(model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**RECIPE, "attention": {"lamda": 0.1}}))

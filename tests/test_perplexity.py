@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from accelerate import cpu_offload
 from test_calibration import byte_tokenizer, sha256sum, tiny_model
 
-from attnprune_opt.data.calibration import C4_FILE, WIKITEXT2_TEST_FILE
+from attnprune_opt.data.calibration import C4_FILE, WIKITEXT2_TEST_FILE, WIKITEXT2_VALID_FILE
 from attnprune_opt.errors import ConfigError
 from attnprune_opt.evaluation.perplexity import QUICK_WINDOWS, c4_perplexity, wikitext2_perplexity
 from attnprune_opt.paths import data_dir
@@ -129,3 +129,16 @@ def test_errors(model, tmp_path):
         c4_perplexity(model, tok, batch_size=0)
     with pytest.raises(FileNotFoundError, match="wiki.test.raw"):
         wikitext2_perplexity(model, tok, data_dir=tmp_path)
+    with pytest.raises(ConfigError, match="split must be one of test, valid, got 'train'"):
+        wikitext2_perplexity(model, tok, split="train")
+
+
+def test_valid_split_reads_the_development_file(model, small_wiki):
+    """Tuning scores wiki.valid.raw, never the test windows; the split is recorded with the result."""
+    tok = byte_tokenizer()
+    (small_wiki / WIKITEXT2_VALID_FILE).write_text(WIKI_TEST.read_text(encoding="utf-8")[5000:10000], encoding="utf-8")
+    valid = wikitext2_perplexity(model, tok, seq_len=64, max_windows=4, data_dir=small_wiki, split="valid",
+                                 progress=False)
+    test = wikitext2_perplexity(model, tok, seq_len=64, max_windows=4, data_dir=small_wiki, progress=False)
+    assert valid.data_file == str(small_wiki / WIKITEXT2_VALID_FILE) and valid.params["split"] == "valid"
+    assert test.params["split"] == "test" and valid.perplexity != test.perplexity

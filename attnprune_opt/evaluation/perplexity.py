@@ -34,6 +34,7 @@ from attnprune_opt.data.calibration import (
     C4_FILE,
     MIN_TOKENS,
     WIKITEXT2_TEST_FILE,
+    WIKITEXT2_VALID_FILE,
     data_file_sha256,
     read_texts,
     select_rows,
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 QUICK_WINDOWS = 64
+WIKITEXT2_FILES = {"test": WIKITEXT2_TEST_FILE, "valid": WIKITEXT2_VALID_FILE}
 C4_EVAL_ROWS = (1000, 1128)
 
 
@@ -78,17 +80,22 @@ def wikitext2_perplexity(
     data_dir: str | Path | None = None,
     batch_size: int = 4,
     progress: bool = True,
+    split: str = "test",
 ) -> PerplexityResult:
-    """WikiText-2 test perplexity over all windows, or the first ``max_windows`` (``QUICK_WINDOWS`` = quick)."""
+    """WikiText-2 perplexity over all windows, or the first ``max_windows`` (``QUICK_WINDOWS`` = quick); ``split``
+    is ``test`` (the protocol) or ``valid`` (development data, for tuning)."""
     _check(seq_len, batch_size)
     if max_windows is not None and max_windows < 1:
         raise ConfigError(f"max_windows must be >= 1 or None, got {max_windows}")
-    path = _data_file(data_dir, WIKITEXT2_TEST_FILE)
+    if split not in WIKITEXT2_FILES:
+        raise ConfigError(f"WikiText-2 split must be one of {', '.join(WIKITEXT2_FILES)}, got {split!r}")
+    path = _data_file(data_dir, WIKITEXT2_FILES[split])
     ids = tokenize_stream(tokenizer, path.read_text(encoding="utf-8"))
     windows = split_windows(ids, seq_len)
     if not windows:
         raise ConfigError(f"seq_len {seq_len} is longer than the whole {len(ids)}-token stream of {path}")
     params = {
+        "split": split,
         "seq_len": seq_len,
         "max_windows": max_windows,
         "stream_tokens": len(ids),
