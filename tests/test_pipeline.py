@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from attnprune_opt import AttentionPruner
-from attnprune_opt.core import multihead_attention_probs
 from attnprune_opt.errors import (
     CalibrationDataError,
     ConfigError,
@@ -19,9 +18,7 @@ from attnprune_opt.errors import (
     RecipeError,
     UnsupportedArchitectureError,
 )
-from attnprune_opt.models.adapters import get_adapter
-from attnprune_opt.pipeline.capture import capture_layer_inputs, record_linear_inputs, run_layer
-from tiny_models import QK_ONLY, WHOLE_MODEL, calibration, tiny_model
+from tiny_models import QK_ONLY, WHOLE_MODEL, assert_adapter_recomputes_attention, calibration, tiny_model
 
 KINDS = ["llama", "mistral", "qwen2"]
 
@@ -35,23 +32,7 @@ def saved_tensors(folder) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_adapter_recomputes_the_models_own_attention(kind):
-    model = tiny_model(kind)
-    adapter = get_adapter(model)
-    ids = calibration()[0]
-    with torch.no_grad():
-        reference = model(ids[None], output_attentions=True).attentions
-        inputs = capture_layer_inputs(model, adapter.layers[0], [ids])
-        for index, layer in enumerate(adapter.layers):
-            attn = layer.self_attn
-            with record_linear_inputs({"q_proj": attn.q_proj}, keep=["q_proj"]) as recorded:
-                outputs = run_layer(layer, inputs)
-            geometry = adapter.geometry(layer)
-            cos, sin = adapter.rope_tables(inputs[0].kwargs)
-            probs = multihead_attention_probs(
-                recorded.tensors["q_proj"][0], attn.q_proj.weight, attn.k_proj.weight, head_dim=geometry.head_dim,
-                cos=cos, sin=sin, q_bias=attn.q_proj.bias, k_bias=attn.k_proj.bias, scaling=geometry.scaling)
-            assert torch.allclose(probs, reference[index], atol=1e-6, rtol=0)
-            inputs = outputs
+    assert_adapter_recomputes_attention(tiny_model(kind), calibration()[0], atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -7,10 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from attnprune_opt import AttentionPruner, load_pruned_model
-from attnprune_opt.core import multihead_attention_probs
-from attnprune_opt.models.adapters import get_adapter
 from attnprune_opt.models.loading import load_model, load_tokenizer
-from attnprune_opt.pipeline.capture import capture_layer_inputs, record_linear_inputs, run_layer
+from tiny_models import assert_adapter_recomputes_attention
 
 pytestmark = pytest.mark.slow
 
@@ -22,21 +20,8 @@ def smollm2():
 
 def test_adapter_recomputes_smollm2_attention(smollm2, all_threads):
     model, tokenizer = smollm2
-    adapter = get_adapter(model)
     ids = torch.tensor(tokenizer("The quick brown fox jumps over the lazy dog near the river bank.")["input_ids"])
-    with torch.no_grad():
-        reference = model(ids[None], output_attentions=True).attentions
-        inputs = capture_layer_inputs(model, adapter.layers[0], [ids])
-        for index, layer in enumerate(adapter.layers):
-            attn = layer.self_attn
-            with record_linear_inputs({"q_proj": attn.q_proj}, keep=["q_proj"]) as recorded:
-                outputs = run_layer(layer, inputs)
-            geometry = adapter.geometry(layer)
-            cos, sin = adapter.rope_tables(inputs[0].kwargs)
-            probs = multihead_attention_probs(recorded.tensors["q_proj"][0], attn.q_proj.weight, attn.k_proj.weight,
-                                              head_dim=geometry.head_dim, cos=cos, sin=sin, scaling=geometry.scaling)
-            assert torch.allclose(probs, reference[index], atol=1e-5, rtol=0), index
-            inputs = outputs
+    assert_adapter_recomputes_attention(model, ids, atol=1e-5)
 
 
 def test_smollm2_end_to_end_on_two_layers(smollm2, tmp_path, all_threads):

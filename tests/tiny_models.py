@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
+from attnprune_opt.core import multihead_attention_probs
+from attnprune_opt.models.adapters import get_adapter
+from attnprune_opt.pipeline.capture import capture_layer_inputs, record_linear_inputs, run_layer
+
 CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
 VOCAB = 96
 
@@ -39,3 +43,23 @@ WHOLE_MODEL = dict(
 )
 QK_ONLY = dict(rules=[{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5}],
                attention={"iterations": 15})
+
+
+def assert_adapter_recomputes_attention(model, ids: torch.Tensor, atol: float) -> None:
+    """The core's attention, fed by the adapter (captured inputs, the model's own RoPE tables, grouped heads),
+    equals the attention probabilities the model itself outputs, layer after layer."""
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        reference = model(ids[None], output_attentions=True).attentions
+        inputs = capture_layer_inputs(model, adapter.layers[0], [ids])
+        for index, layer in enumerate(adapter.layers):
+            attn = layer.self_attn
+            with record_linear_inputs({"q_proj": attn.q_proj}, keep=["q_proj"]) as recorded:
+                outputs = run_layer(layer, inputs)
+            geometry = adapter.geometry(layer)
+            cos, sin = adapter.rope_tables(inputs[0].kwargs)
+            probs = multihead_attention_probs(
+                recorded.tensors["q_proj"][0], attn.q_proj.weight, attn.k_proj.weight, head_dim=geometry.head_dim,
+                cos=cos, sin=sin, q_bias=attn.q_proj.bias, k_bias=attn.k_proj.bias, scaling=geometry.scaling)
+            assert torch.allclose(probs, reference[index], atol=atol, rtol=0), f"layer {index}"
+            inputs = outputs
