@@ -181,3 +181,21 @@ def test_failure_while_saving_leaves_no_output(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         pruner.save(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_peak_memory_is_the_processs_own_not_its_parents(tmp_path):
+    """A prune started by a large process (a benchmark holding a model) reports its own peak RSS; getrusage's
+    ru_maxrss would report the parent's, since it survives exec."""
+    import subprocess
+    import sys
+
+    from attnprune_opt.pipeline.layerwise import peak_rss_mb
+
+    ballast = torch.ones(3 * 2**27)  # 1.5 GiB, resident
+    child = subprocess.run(
+        [sys.executable, "-c", "from attnprune_opt.pipeline.layerwise import peak_rss_mb; print(peak_rss_mb())"],
+        check=True, capture_output=True, text=True)
+    parent = peak_rss_mb()
+    assert parent > 1536 and float(child.stdout) < parent - 1024
+    assert abs(peak_rss_mb(tmp_path / "missing") - parent) < 64  # without /proc: getrusage, in the same unit
+    del ballast

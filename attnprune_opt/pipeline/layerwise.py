@@ -10,9 +10,11 @@ index when the layer is offloaded; (4) the pruned layer's outputs become the nex
 from __future__ import annotations
 
 import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -62,9 +64,21 @@ class LayerReport:
         return asdict(self)
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_rss_mb(status: Path = Path("/proc/self/status")) -> float:
+    """Peak resident memory of this process so far, in MB.
+
+    Linux's ``VmHWM`` belongs to the current address space. ``getrusage``'s ``ru_maxrss`` survives ``exec``, so a
+    process started by a large parent (a benchmark holding a model) would report the parent's peak as its own; it
+    is only the fallback where ``/proc`` is missing (it counts kilobytes on Linux, bytes on macOS).
+    """
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 1024 / (1024 if sys.platform == "darwin" else 1)
 
 
 def target_layers(config: PrunerConfig, num_layers: int) -> list[int]:
