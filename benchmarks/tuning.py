@@ -152,6 +152,8 @@ def run(layers: list[int], quick: bool) -> list[dict]:
 
 
 PIPELINE_CANDIDATES = {"propagate pruned": {"propagate": "pruned"}, "propagate dense": {"propagate": "dense"}}
+PIPELINE_C4_ROWS = (DEV_ROWS[0], DEV_ROWS[0] + 32)
+PIPELINE_WIKI_WINDOWS = 64
 
 
 def run_pipeline() -> list[dict]:
@@ -164,8 +166,8 @@ def run_pipeline() -> list[dict]:
         if overrides is not None:
             AttentionPruner(**overrides).prune_model(model, tokenizer, progress=False)
         seconds = time.perf_counter() - start
-        wiki = wikitext2_perplexity(model, tokenizer, split="valid", max_windows=64, progress=False)
-        c4 = c4_perplexity(model, tokenizer, rows=(1128, 1160), progress=False)
+        wiki = wikitext2_perplexity(model, tokenizer, split="valid", max_windows=PIPELINE_WIKI_WINDOWS, progress=False)
+        c4 = c4_perplexity(model, tokenizer, rows=PIPELINE_C4_ROWS, progress=False)
         records.append({"setting": name, "wikitext2_valid_ppl": wiki.perplexity, "c4_dev_ppl": c4.perplexity,
                         "prune_seconds": seconds if overrides is not None else None})
         print(f"{name:20s} wiki.valid {wiki.perplexity:.3f} c4 dev {c4.perplexity:.3f}", file=sys.stderr)
@@ -173,8 +175,9 @@ def run_pipeline() -> list[dict]:
 
 
 def pipeline_markdown(records: list[dict]) -> str:
+    first, stop = PIPELINE_C4_ROWS
     lines = ["q_proj/k_proj at 50% with the default method; development perplexities (WikiText-2 wiki.valid.raw, "
-             "first 64 windows of 512; C4 rows 1128-1159, 512 tokens).", "",
+             f"first {PIPELINE_WIKI_WINDOWS} windows of 512; C4 rows {first}-{stop - 1}, 512 tokens).", "",
              "| setting | WikiText-2 valid ppl | C4 dev ppl | prune s |", "|---|---|---|---|"]
     for r in records:
         seconds = f"{r['prune_seconds']:.0f}" if r["prune_seconds"] is not None else "–"
