@@ -158,7 +158,13 @@ def cmd_validate_recipe(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnprune-opt", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Every subcommand, each with its one definition of its options; ``optimum-cli attnprune`` adds the same."""
+    from .cli_ext import add_ext_commands
 
     prune = sub.add_parser("prune", help="prune a model with a recipe and save it")
     prune.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="YAML recipe (default: %(default)s)")
@@ -216,11 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate-recipe", help="check recipe files against the schema")
     validate.add_argument("recipes", type=Path, nargs="+")
     validate.set_defaults(func=cmd_validate_recipe)
-    return parser
+    add_ext_commands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command; errors the user can fix become one line on stderr and exit status 2."""
     try:
         return args.func(args)
     except AttnPruneError as exc:

@@ -18,10 +18,18 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from attnprune_opt.data import CalibrationSpec, data_file_sha256, load_calibration
 from attnprune_opt.data.calibration import C4_FILE, WIKITEXT2_VALID_FILE
 from attnprune_opt.errors import CalibrationDataError
-from attnprune_opt.paths import DATA_DIR_ENV, data_dir
+from attnprune_opt.paths import DATA_DIR_ENV
+from conftest import FULL_DATA, MINI_DATA
 
-C4 = data_dir() / C4_FILE
-WIKI_VALID = data_dir() / WIKITEXT2_VALID_FILE
+# Reading, tokenizing and selecting are checked on the mini data folder (autouse fixture below); the protocol's own
+# figures (pool size, row counts, lengths) on the full folder, in the tests marked needs_data.
+C4 = MINI_DATA / C4_FILE
+WIKI_VALID = MINI_DATA / WIKITEXT2_VALID_FILE
+
+
+@pytest.fixture(autouse=True)
+def _mini(mini_data):
+    return mini_data
 
 
 def byte_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
@@ -69,15 +77,22 @@ def c4_texts() -> list[str]:
     return pq.read_table(C4, columns=["text"]).column("text").to_pylist()
 
 
-def test_default_spec_is_the_readme_protocol(tok, c4_texts):
-    cal = load_calibration(CalibrationSpec(), tok)
+@pytest.fixture(scope="module")
+def full_c4_texts() -> list[str]:
+    return pq.read_table(FULL_DATA / C4_FILE, columns=["text"]).column("text").to_pylist()
+
+
+@pytest.mark.needs_data
+def test_default_spec_is_the_readme_protocol(tok, full_c4_texts):
+    full_c4 = FULL_DATA / C4_FILE
+    cal = load_calibration(CalibrationSpec(), tok, data_dir=FULL_DATA)
     assert cal.indices == tuple(range(8)) and cal.index_kind == "row"
-    assert [s.tolist() for s in cal.sequences] == [ids(tok, t)[:512] for t in c4_texts[:8]]
+    assert [s.tolist() for s in cal.sequences] == [ids(tok, t)[:512] for t in full_c4_texts[:8]]
     assert all(s.dtype == torch.long and s.dim() == 1 for s in cal.sequences)
     lengths = [len(s) for s in cal.sequences]
     assert max(lengths) == 512 and min(lengths) < 512  # short documents are kept at their own length
     assert cal.num_tokens == sum(lengths)
-    assert cal.files == (str(C4),) and cal.sha256 == (sha256sum(C4),)
+    assert cal.files == (str(full_c4),) and cal.sha256 == (sha256sum(full_c4),)
     assert not cal.self_generated
     assert cal.provenance()["lengths"] == lengths
 
@@ -87,22 +102,25 @@ def test_bos_tokenizer_starts_every_document_with_bos(c4_texts):
     assert [s.tolist() for s in cal.sequences] == [[0] + ids(byte_tokenizer(), t)[:63] for t in c4_texts[:3]]
 
 
-def test_random_sampling_is_deterministic_and_seeded(tok, c4_texts):
+@pytest.mark.needs_data
+def test_random_sampling_is_deterministic_and_seeded(tok, full_c4_texts):
     spec = CalibrationSpec(num_samples=16, seq_len=32, sampling="random", seed=0)
-    first, again = load_calibration(spec, tok), load_calibration(spec, tok)
-    other = load_calibration(CalibrationSpec(num_samples=16, seq_len=32, sampling="random", seed=1), tok)
+    first, again = load_calibration(spec, tok, data_dir=FULL_DATA), load_calibration(spec, tok, data_dir=FULL_DATA)
+    other = load_calibration(CalibrationSpec(num_samples=16, seq_len=32, sampling="random", seed=1), tok,
+                             data_dir=FULL_DATA)
     assert first.indices == again.indices
     assert all(torch.equal(a, b) for a, b in zip(first.sequences, again.sequences, strict=True))
     assert first.indices != other.indices
     assert len(set(first.indices)) == 16 and list(first.indices) == sorted(first.indices)
     assert all(0 <= i < 1000 for i in first.indices + other.indices)  # the calibration pool, not evaluation rows
-    assert [s.tolist() for s in first.sequences] == [ids(tok, c4_texts[i])[:32] for i in first.indices]
+    assert [s.tolist() for s in first.sequences] == [ids(tok, full_c4_texts[i])[:32] for i in first.indices]
 
 
 def test_rows_set_the_pool(tok):
-    assert load_calibration(CalibrationSpec(num_samples=3, seq_len=16, rows=(100, 120)), tok).indices == (100, 101, 102)
-    sampled = load_calibration(CalibrationSpec(num_samples=5, seq_len=16, rows=(100, 120), sampling="random"), tok)
-    assert all(100 <= i < 120 for i in sampled.indices)
+    assert load_calibration(CalibrationSpec(num_samples=3, seq_len=16, rows=(1002, 1020)), tok).indices == (1002, 1003,
+                                                                                                            1004)
+    sampled = load_calibration(CalibrationSpec(num_samples=5, seq_len=16, rows=(1002, 1020), sampling="random"), tok)
+    assert all(1002 <= i < 1020 for i in sampled.indices)
 
 
 def test_wikitext2_is_the_validation_stream(tok):
@@ -192,8 +210,8 @@ def test_spec_errors(kwargs, message):
 
 
 def test_rows_out_of_range(tok):
-    with pytest.raises(CalibrationDataError, match=r"rows \[1400, 1600\) are out of range: .* has 1500 rows"):
-        load_calibration(CalibrationSpec(rows=(1400, 1600)), tok)
+    with pytest.raises(CalibrationDataError, match=r"rows \[1000, 1600\) are out of range: .* has 1032 rows"):
+        load_calibration(CalibrationSpec(rows=(1000, 1600)), tok)
 
 
 def test_malformed_hub_source(tok):

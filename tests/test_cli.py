@@ -14,6 +14,12 @@ RECIPE = {"rules": [{"modules": ["q_proj", "k_proj"], "method": "attention", "sp
           "attention": {"iterations": 5}, "calibration": {"source": "c4", "num_samples": 2, "seq_len": 32}}
 
 
+@pytest.fixture(autouse=True)
+def _mini(mini_data):
+    """Calibration on "c4" reads the mini data folder's first rows."""
+    return mini_data
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Llama with SmolLM2's tokenizer, saved like any model folder."""

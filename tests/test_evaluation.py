@@ -21,9 +21,9 @@ from attnprune_opt.evaluation import report
 from attnprune_opt.evaluation.attention_error import attention_error
 from attnprune_opt.evaluation.runner import evaluate
 from attnprune_opt.models.loading import SOURCE_ATTR, load_model
-from attnprune_opt.paths import data_dir
+from conftest import MINI_DATA
 
-C4 = data_dir() / C4_FILE
+C4 = MINI_DATA / C4_FILE
 ROWS, SEQ_LEN = (1000, 1004), 40  # a small protocol: C4 rows 1000-1003 of up to 40 tokens
 
 
@@ -39,6 +39,11 @@ def magnitude_pruned(model, layers=None):
                 drop = w.abs().argsort(dim=1)[:, : w.shape[1] // 2]
                 w.scatter_(1, drop, 0.0)
     return pruned
+
+
+@pytest.fixture(autouse=True)
+def _mini(mini_data):
+    return mini_data
 
 
 def offloaded_copy(model):
@@ -133,8 +138,9 @@ def test_mismatched_models_and_bad_protocol_are_named_errors(dense, tok):
 
 @pytest.fixture(scope="module")
 def quick_result(dense, pruned, tok):
-    return evaluate(pruned, tok, dense_model=dense, quick=True, tasks=["arc_easy"], limit=2, batch_size=16,
-                    model_info={"name": "pruned", "method": "magnitude", "sparsity": 0.5}, progress=False)
+    return evaluate(pruned, tok, dense_model=dense, quick=True, windows=8, tasks=["arc_easy"], limit=2, batch_size=16,
+                    model_info={"name": "pruned", "method": "magnitude", "sparsity": 0.5}, data_dir=MINI_DATA,
+                    progress=False)
 
 
 def test_runner_combines_everything_with_its_protocol(quick_result):
@@ -142,7 +148,7 @@ def test_runner_combines_everything_with_its_protocol(quick_result):
     assert result["model"] == {"name": "pruned", "method": "magnitude", "sparsity": 0.5}
     assert result["protocol"]["quick"] and "not comparable" in result["protocol"]["note"]
     wiki, c4 = result["perplexity"]["wikitext2"], result["perplexity"]["c4"]
-    assert wiki["sequences"] == 64 and wiki["params"]["max_windows"] == 64
+    assert wiki["sequences"] == 8 and wiki["params"]["max_windows"] == 8 == result["protocol"]["wikitext2_windows"]
     assert c4["sequences"] == 32 and c4["params"]["rows"] == [1000, 1032] == result["protocol"]["c4_rows"]
     assert wiki["sha256"] and c4["sha256"] == sha256sum(C4)
     assert result["attention_error"]["protocol"]["rows"] == [1000, 1008]

@@ -24,7 +24,9 @@ from attnprune_opt.evaluation.lm_eval_tasks import (
     run_lm_eval,
     tasks_dir,
 )
+from attnprune_opt.data.calibration import data_file_sha256
 from attnprune_opt.paths import DATA_DIR_ENV
+from conftest import MINI_DATA
 
 OFFICIAL_DIR = Path(lm_eval_tasks.__file__).parent
 
@@ -68,8 +70,8 @@ DATA_SOURCE_KEYS = {
 }  # fmt: skip
 
 
-def _raw_rows(name: str, indices: list[int]) -> list[dict]:
-    path = local_data_file(name)
+def _raw_rows(name: str, indices: list[int], data_dir: Path | None = None) -> list[dict]:
+    path = local_data_file(name, data_dir)
     if path.suffix == ".arrow":
         table = datasets.Dataset.from_file(str(path), in_memory=True)
         return [table[i] for i in indices]
@@ -108,6 +110,7 @@ def official_tasks(tmp_path_factory):
     return manager.load(configs)["tasks"]
 
 
+@pytest.mark.needs_data
 @pytest.mark.parametrize("name", list(CASES))
 def test_local_task_matches_official(name, local_tasks, official_tasks):
     _, n_docs, indices, _ = CASES[name]
@@ -138,7 +141,7 @@ def test_local_tasks_are_tagged_and_distinct_from_official():
 
 
 def test_data_dir_is_read_at_run_time(tmp_path, monkeypatch):
-    rows = _raw_rows("arc_easy", [0, 1, 2])
+    rows = _raw_rows("arc_easy", [0, 1, 2], MINI_DATA)
     (tmp_path / "arc_easy").mkdir()
     local_data_file("arc_easy", tmp_path).write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
@@ -158,10 +161,10 @@ def test_loader_errors_name_the_problem(tmp_path):
 
 
 def test_resolve_tasks(tmp_path):
-    assert resolve_tasks(list(LOCAL_TASKS)) == [spec.task for spec in LOCAL_TASKS.values()]
+    assert resolve_tasks(["arc_easy", "piqa", "boolq"], MINI_DATA) == ["local_arc_easy", "local_piqa", "boolq"]
     assert resolve_tasks(["arc_easy", "piqa"], tmp_path) == ["arc_easy", "piqa"]  # no local copy: hub task
     (tmp_path / "piqa").mkdir()
-    (tmp_path / "piqa" / "validation.arrow").symlink_to(local_data_file("piqa"))
+    (tmp_path / "piqa" / "validation.arrow").symlink_to(local_data_file("piqa", MINI_DATA))
     assert resolve_tasks(["arc_easy", "piqa"], tmp_path) == ["arc_easy", "local_piqa"]
     with pytest.raises(ValueError, match=r"'arc_medium'.*arc_easy.*lambada_openai"):
         resolve_tasks(["arc_easy", "arc_medium"])
@@ -185,17 +188,13 @@ def tiny_model_and_tokenizer():
 
 def test_run_lm_eval_tiny_model(tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
-    first = run_lm_eval(model, tokenizer, ["arc_easy", "piqa"], limit=4, batch_size=4)
-    again = run_lm_eval(model, tokenizer, ["arc_easy", "piqa"], limit=4, batch_size=4)
+    first = run_lm_eval(model, tokenizer, ["arc_easy", "piqa"], limit=4, batch_size=4, data_dir=MINI_DATA)
+    again = run_lm_eval(model, tokenizer, ["arc_easy", "piqa"], limit=4, batch_size=4, data_dir=MINI_DATA)
     assert first == again
-    expected_sha = {
-        "arc_easy": "ce32a0774b4beb1977d2c6b16dda5dd2b24fdc9c7f506882c452678676bd09be",
-        "piqa": "6e14731c78016adc6a5738d661111f5cb4c6bce461c454561eb66be4abc39222",
-    }  # from the folders' PROVENANCE.md
     for name, result in first.items():
         assert result["task"] == f"local_{name}"
         assert result["n_samples"] == 4
-        assert result["data_sha256"] == expected_sha[name]
+        assert result["data_sha256"] == data_file_sha256(local_data_file(name, MINI_DATA))
         for metric in ("acc", "acc_norm"):
             assert math.isfinite(result[metric]) and 0.0 <= result[metric] <= 1.0
             assert math.isfinite(result[f"{metric}_stderr"])

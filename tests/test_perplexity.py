@@ -15,10 +15,16 @@ from test_calibration import byte_tokenizer, sha256sum, tiny_model
 from attnprune_opt.data.calibration import C4_FILE, WIKITEXT2_TEST_FILE, WIKITEXT2_VALID_FILE
 from attnprune_opt.errors import ConfigError
 from attnprune_opt.evaluation.perplexity import QUICK_WINDOWS, c4_perplexity, wikitext2_perplexity
-from attnprune_opt.paths import data_dir
+from conftest import FULL_DATA, MINI_DATA
 
-C4 = data_dir() / C4_FILE
-WIKI_TEST = data_dir() / WIKITEXT2_TEST_FILE
+# Scoring is checked on the mini data folder (autouse fixture below); the protocol's counts on the full folder.
+C4 = MINI_DATA / C4_FILE
+WIKI_TEST = MINI_DATA / WIKITEXT2_TEST_FILE
+
+
+@pytest.fixture(autouse=True)
+def _mini(mini_data):
+    return mini_data
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +98,16 @@ def test_batch_size_does_not_change_the_result(model, small_wiki):
         assert len({r.tokens for r in results}) == 1
 
 
-def test_standard_protocol_counts(model, c4_texts):
+@pytest.mark.needs_data
+def test_standard_protocol_counts(model):
     tok = byte_tokenizer()
-    quick = wikitext2_perplexity(model, tok, max_windows=QUICK_WINDOWS, batch_size=16, progress=False)
+    quick = wikitext2_perplexity(model, tok, max_windows=QUICK_WINDOWS, batch_size=16, progress=False,
+                                 data_dir=FULL_DATA)
     assert (quick.sequences, quick.tokens, quick.params["seq_len"]) == (64, 64 * 511, 512)
-    assert quick.data_file == str(WIKI_TEST) and quick.sha256 == sha256sum(WIKI_TEST)
-    c4 = c4_perplexity(model, tok, batch_size=16, progress=False)
+    wiki_test = FULL_DATA / WIKITEXT2_TEST_FILE
+    assert quick.data_file == str(wiki_test) and quick.sha256 == sha256sum(wiki_test)
+    c4 = c4_perplexity(model, tok, batch_size=16, progress=False, data_dir=FULL_DATA)
+    c4_texts = pq.read_table(FULL_DATA / C4_FILE, columns=["text"]).column("text").to_pylist()
     lengths = [min(len(tok(t)["input_ids"]), 512) for t in c4_texts[1000:1128]]
     assert (c4.sequences, c4.tokens, c4.params["rows"]) == (128, sum(n - 1 for n in lengths), [1000, 1128])
 

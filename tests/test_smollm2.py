@@ -24,7 +24,7 @@ def test_adapter_recomputes_smollm2_attention(smollm2, all_threads):
     assert_adapter_recomputes_attention(model, ids, atol=1e-5)
 
 
-def test_smollm2_end_to_end_on_two_layers(smollm2, tmp_path, all_threads):
+def test_smollm2_end_to_end_on_two_layers(smollm2, tmp_path, all_threads, mini_data):
     model, tokenizer = smollm2
     model = copy.deepcopy(model)
     dense = copy.deepcopy(model.state_dict())

@@ -42,6 +42,7 @@ from attnprune_opt.data.calibration import (
     tokenize_document,
     tokenize_stream,
 )
+from attnprune_opt.data.reference import check_reference
 from attnprune_opt.errors import ConfigError
 from attnprune_opt.models.offload import evaluating, input_device
 
@@ -190,6 +191,8 @@ def _evaluate(
     nll, tokens = score_sequences(model, sequences, batch_size=batch_size, progress=progress, desc=f"{task} ppl")
     if not tokens:
         raise ValueError(f"{task}: nothing to score in {path} (every document has fewer than {MIN_TOKENS} tokens)")
+    sha256 = data_file_sha256(path)
+    check_reference(path, sha256)  # warns when the figure will not compare with the protocol's
     return PerplexityResult(
         task=task,
         perplexity=math.exp(nll / tokens),
@@ -197,7 +200,7 @@ def _evaluate(
         tokens=tokens,
         sequences=len(sequences),
         data_file=str(path),
-        sha256=data_file_sha256(path),
+        sha256=sha256,
         seconds=time.perf_counter() - started,
         params=params,
     )
