@@ -231,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run a parsed command; errors the user can fix become one line on stderr and exit status 2."""
+    from .cli_logging import show_library_logs
+
+    show_library_logs(quiet=getattr(args, "quiet", False))
     try:
         return args.func(args)
     except AttnPruneError as exc:

@@ -96,3 +96,17 @@ def test_validate_recipe(recipe, tmp_path, capsys):
     bad.write_text("rulez: []\n")
     assert main(["validate-recipe", str(bad)]) == 2
     assert "did you mean 'rules'" in capsys.readouterr().err
+
+
+def test_the_cli_decides_which_library_logs_are_shown(model_dir, caplog):
+    """INFO notes of long steps by default, none with --quiet; the library itself adds no handler."""
+    import logging
+
+    assert logging.getLogger("attnprune_opt").handlers == []
+    argv = ["eval", str(model_dir), "--perplexity", "c4", "--quick", "--batch-size", "8"]
+    assert main(argv) == 0
+    assert [r.getMessage() for r in caplog.records if r.name == "attnprune_opt.evaluation.runner"] == [
+        "C4 perplexity: rows [1000, 1032), up to 512 tokens each"]
+    caplog.clear()
+    assert main([*argv, "--quiet"]) == 0
+    assert not [r for r in caplog.records if r.name.startswith("attnprune_opt") and r.levelno < logging.WARNING]

@@ -8,6 +8,7 @@ the result says so.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ from attnprune_opt.evaluation.perplexity import C4_EVAL_ROWS, QUICK_WINDOWS, c4_
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
 
 PERPLEXITY_SETS = ("wikitext2", "c4")
 QUICK_DOCUMENTS = 32
@@ -84,15 +87,19 @@ def evaluate(
         "tasks": {},
     }
     if dense_model is not None:
+        logger.info("attention error against the dense model, layer by layer")
         result["attention_error"] = attention_error(dense_model, model, tokenizer, data_dir=data_dir,
                                                     progress=progress)
     common = dict(seq_len=seq_len, data_dir=data_dir, batch_size=batch_size, progress=progress)
     if "wikitext2" in perplexity:
+        logger.info("WikiText-2 perplexity: %s windows of %d tokens", windows or "all", seq_len)
         result["perplexity"]["wikitext2"] = wikitext2_perplexity(model, tokenizer, max_windows=windows,
                                                                  **common).to_dict()
     if "c4" in perplexity:
+        logger.info("C4 perplexity: rows [%d, %d), up to %d tokens each", *c4_rows, seq_len)
         result["perplexity"]["c4"] = c4_perplexity(model, tokenizer, rows=c4_rows, **common).to_dict()
     if tasks:
+        logger.info("lm-eval tasks %s%s", ", ".join(tasks), f" ({limit} documents each)" if limit else "")
         result["tasks"] = run_lm_eval(model, tokenizer, list(tasks), limit=limit, batch_size=batch_size,
                                       data_dir=data_dir)
     result["seconds"] = time.perf_counter() - started
