@@ -54,6 +54,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .atomic import check_output_dir
+    from .evaluation.edge import process_rss_mb, quantize_int8
     from .evaluation.report import to_markdown, write_report
     from .evaluation.runner import DEFAULT_BATCH_SIZE, PERPLEXITY_SETS, check_request, evaluate
     from .export.load import load_pruned_model, read_manifest
@@ -74,8 +75,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"note: {folder / MANIFEST_NAME} does not name the dense model it was pruned from; pass --dense MODEL "
               "for the attention error", file=sys.stderr)
     load = dict(trust_remote_code=args.trust_remote_code, device_map=_device_map(args.device_map),
-                offload_folder=args.offload_folder)
+                offload_folder=args.offload_folder, **({"dtype": args.dtype} if args.dtype else {}))
     print(f"loading {target}", file=sys.stderr)
+    rss_before = process_rss_mb()
     if manifest is not None:
         model = _loaded(target, lambda: load_pruned_model(folder, **load))
         has_tokenizer = (folder / "tokenizer_config.json").is_file()
@@ -88,12 +90,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = _loaded(target, lambda: load_model(target, **load))
         tokenizer = _loaded(target, lambda: load_tokenizer(target, trust_remote_code=args.trust_remote_code))
         info = {"name": args.target, "source": getattr(model, SOURCE_ATTR)}
+    if args.int8:
+        quantize_int8(model)
+    edge = {"loaded_rss_mb": process_rss_mb() - rss_before, "int8": args.int8} if args.edge else None
     dense = None
     if dense_name is not None:
         print(f"loading dense reference {dense_name}", file=sys.stderr)
         dense = _loaded(dense_name, lambda: load_model(dense_name, **load))
     result = evaluate(model, tokenizer, dense_model=dense, perplexity=perplexity, quick=args.quick, tasks=tasks,
-                      limit=args.limit, batch_size=batch_size, model_info=info, progress=not args.quiet)
+                      limit=args.limit, batch_size=batch_size, model_info=info, progress=not args.quiet, edge=edge)
     print(to_markdown([result]))
     if args.output is not None:
         print(f"\nreport written to {write_report([result], args.output, overwrite=args.overwrite)}")
@@ -206,6 +211,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--device-map", help="accelerate device map: 'auto', 'cpu' or a JSON object")
     evaluate.add_argument("--offload-folder", help="folder for disk-offloaded weights")
     evaluate.add_argument("--batch-size", type=int, help="batch size of perplexity and lm-eval (default: 4)")
+    evaluate.add_argument("--dtype", choices=("float32", "bfloat16"), help="load the weights in this dtype "
+                                                                          "(default: as saved)")
+    evaluate.add_argument("--int8", action="store_true", help="weight-only int8 (torchao) of the decoder layers' "
+                                                              "linears after loading: prune, then quantize")
+    evaluate.add_argument("--edge", action="store_true", help="also measure memory (weights, resident growth while "
+                                                              "loading) and batch-1 prefill/decode tokens per second")
     evaluate.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(func=cmd_eval)

@@ -7,6 +7,9 @@ from __future__ import annotations
 import logging
 
 LIBRARY_LOGGER = "attnprune_opt"
+# Import-time warnings that say nothing to a user of this tool on a CPU machine: torchao's about GPU kernels (CUDA
+# libraries, Triton) and torch's about the enums torchao registers.
+SILENCED = ("torchao", "torch.utils._pytree")
 
 
 class _CliFormatter(logging.Formatter):
@@ -24,3 +27,5 @@ def show_library_logs(quiet: bool = False) -> None:
     handler.setFormatter(_CliFormatter())
     logging.basicConfig(handlers=[handler])  # does nothing when the root logger is already configured
     logging.getLogger(LIBRARY_LOGGER).setLevel(logging.WARNING if quiet else logging.INFO)
+    for name in SILENCED:
+        logging.getLogger(name).setLevel(logging.ERROR)

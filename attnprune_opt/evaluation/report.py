@@ -32,8 +32,9 @@ def to_markdown(results: Sequence[Result]) -> str:
     """A table with a row per model (perplexities, mean attention error, task accuracies) and its protocols."""
     ppl_sets = list(dict.fromkeys(name for r in results for name in r["perplexity"]))
     tasks = list(dict.fromkeys(name for r in results for name in r["tasks"]))
+    edge = any(r.get("edge") for r in results)
     header = (["model", "sparsity"] + [f"{name} ppl" for name in ppl_sets] + ["attention error"]
-              + [f"{name} acc / acc_norm" for name in tasks])
+              + [f"{name} acc / acc_norm" for name in tasks] + (list(EDGE_COLUMNS) if edge else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         sparsity = r["model"].get("sparsity")
@@ -42,10 +43,21 @@ def to_markdown(results: Sequence[Result]) -> str:
         cells += [f"{r['perplexity'][n]['perplexity']:.3f}" if n in r["perplexity"] else MISSING for n in ppl_sets]
         cells.append(MISSING if attention is None else f"{attention['mean']:.5f}")
         cells += [_accuracy(r["tasks"].get(name)) for name in tasks]
+        if edge:
+            cells += [_figure(r.get("edge"), key) for key in EDGE_COLUMNS.values()]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines += [f"- {_label(r)}: {_protocol(r)}" for r in results]
     return "\n".join(lines)
+
+
+EDGE_COLUMNS = {"weights MB": "weights_mb", "loaded RSS MB": "loaded_rss_mb", "prefill tok/s": "prefill_tokens_per_s",
+                "decode tok/s": "decode_tokens_per_s"}
+
+
+def _figure(edge: dict[str, Any] | None, key: str) -> str:
+    value = (edge or {}).get(key)
+    return MISSING if value is None else f"{value:.1f}"
 
 
 def _accuracy(metrics: dict[str, Any] | None) -> str:
@@ -66,6 +78,11 @@ def _protocol(result: Result) -> str:
         rows = attention["protocol"]["rows"]
         parts.append(f"attention error on C4 rows [{rows[0]}, {rows[1]}) of ≤{attention['protocol']['seq_len']} "
                      "tokens")
+    edge = result.get("edge")
+    if edge:
+        parts.append(f"speed at batch 1 on {edge['threads']} threads, {edge['dtype']}"
+                     f"{' with int8 weights' if edge['int8_weights'] else ''}: {edge['prompt_tokens']}-token prefill, "
+                     f"{edge['new_tokens']} decoded tokens, median of {edge['repeats']}")
     if result["tasks"]:
         parts.append(f"lm-eval limit {result['protocol']['lm_eval_limit']}")
     if result["protocol"]["quick"]:
