@@ -98,7 +98,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"loading dense reference {dense_name}", file=sys.stderr)
         dense = _loaded(dense_name, lambda: load_model(dense_name, **load))
     result = evaluate(model, tokenizer, dense_model=dense, perplexity=perplexity, quick=args.quick, tasks=tasks,
-                      limit=args.limit, batch_size=batch_size, model_info=info, progress=not args.quiet, edge=edge)
+                      limit=args.limit, batch_size=batch_size, model_info=info, progress=not args.quiet, edge=edge,
+                      windows=args.windows)
     print(to_markdown([result]))
     if args.output is not None:
         print(f"\nreport written to {write_report([result], args.output, overwrite=args.overwrite)}")
@@ -206,6 +207,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ppl.add_argument("--no-perplexity", action="store_true", help="skip perplexity")
     evaluate.add_argument("--quick", action="store_true", help="64 WikiText-2 windows and 32 C4 documents instead "
                                                                "of the full protocol")
+    evaluate.add_argument("--windows", type=int, help="score the first N WikiText-2 windows (default: all; 64 with "
+                                                       "--quick)")
     evaluate.add_argument("--output", type=Path, help="write results.json, results.md and plots here (atomically)")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     evaluate.add_argument("--device-map", help="accelerate device map: 'auto', 'cpu' or a JSON object")

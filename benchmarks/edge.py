@@ -4,8 +4,8 @@ formats and dtypes a user would ship, and weight-only int8 (torchao) on top of e
 The embedded model is written as a plain safetensors folder (its GGUF load would dequantize in memory and distort
 the figures), pruned by the CLI with `smollm2_qk50.yaml` and `smollm2_whole50.yaml`, and exported to bitmask
 folders. Then every row is one `attnprune-opt eval FOLDER --edge` in its own process: the weights' memory, the
-process's resident growth while loading, batch-1 prefill and decode tokens per second, and the quick WikiText-2
-perplexity (64 windows of 512 tokens). Speed depends on this machine and its load; the other columns do not.
+process's resident growth while loading, batch-1 prefill and decode tokens per second, and the WikiText-2
+perplexity of the first 16 windows of 512 tokens. Speed depends on this machine and its load; the other columns do not.
 
 Usage: python benchmarks/edge.py --out DIR [--overwrite] [--readme]
 """
@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "attnprune_opt.cli"]
 PRUNED = {"qk50": "smollm2_qk50.yaml", "whole50": "smollm2_whole50.yaml"}
 README_START, README_END = "<!-- edge:start -->", "<!-- edge:end -->"
+WINDOWS = 16  # WikiText-2 windows per perplexity: 13 runs must fit a shared 2-core machine
 
 
 def variants(model: str) -> list[dict]:
@@ -58,27 +59,32 @@ def prepare(model: str, work: Path) -> dict[str, Path]:
 
 
 def measure(row: dict, folder: Path, work: Path, windows: int) -> dict:
+    """One row: `eval --edge` in its own process. A bitmask folder loads to the same weights as its dense export
+    (bit for bit, tests/test_bitmask.py), so its perplexity is not computed again."""
     out = work / "eval" / f"{row['model']}_{row['format']}_{row['dtype']}"
-    subprocess.run([*CLI, "eval", str(folder), "--edge", *eval_args(row), "--perplexity", "wikitext2", "--quick",
-                    "--output", str(out), "--quiet"], check=True, stdout=subprocess.DEVNULL)
+    perplexity = ["--no-perplexity"] if row["format"] == "bitmask" else ["--perplexity", "wikitext2", "--windows",
+                                                                         str(windows)]
+    subprocess.run([*CLI, "eval", str(folder), "--edge", *eval_args(row), *perplexity, "--output", str(out),
+                    "--quiet"], check=True, stdout=subprocess.DEVNULL)
     result = json.loads((out / "results.json").read_text())[0]
-    ppl = result["perplexity"]["wikitext2"]
-    if ppl["sequences"] != windows:
+    ppl = result["perplexity"].get("wikitext2")
+    if ppl is not None and ppl["sequences"] != windows:
         raise SystemExit(f"{out}: {ppl['sequences']} WikiText-2 windows scored, expected {windows}")
-    return {**row, "file_mb": folder_mb(folder), **result["edge"], "wikitext2_ppl": ppl["perplexity"],
+    return {**row, "file_mb": folder_mb(folder), **result["edge"], "wikitext2_ppl": ppl and ppl["perplexity"],
             "attention_error": (result["attention_error"] or {}).get("mean")}
 
 
 def markdown(records: list[dict]) -> str:
     first = records[0]
     lines = [f"Batch 1, {first['prompt_tokens']}-token prefill and {first['new_tokens']} decoded tokens (median of "
-             f"{first['repeats']}), {first['threads']} threads; WikiText-2 perplexity on the quick protocol.", "",
+             f"{first['repeats']}), {first['threads']} threads; WikiText-2 perplexity on the first {WINDOWS} "
+             "windows of 512 tokens (bitmask rows: the same weights as the dense format once loaded).", "",
              "| model | format | weights | file MB | weights MB | loaded RSS MB | prefill tok/s | decode tok/s | "
              "WikiText-2 ppl |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r['model']} | {r['format']} | {r['dtype']} | {r['file_mb']:.1f} | {r['weights_mb']:.1f} | "
                      f"{r['loaded_rss_mb']:.0f} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | "
-                     f"{r['wikitext2_ppl']:.2f} |")
+                     f"{'=' if r['wikitext2_ppl'] is None else format(r['wikitext2_ppl'], '.2f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         records = []
         for model in ("dense", *PRUNED):  # measured as soon as made, so a failure shows early
             folders = prepare(model, work)
-            records += [measure(row, folders[row["format"]], work, windows=64) for row in variants(model)]
+            records += [measure(row, folders[row["format"]], work, windows=WINDOWS) for row in variants(model)]
             print(markdown(records), flush=True)
     table = markdown(records)
     with atomic_output_dir(args.out, args.overwrite) as tmp:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,22 @@ def test_eval_edge_end_to_end(bitmask_folder, mini_data, tmp_path, capsys, optio
     markdown = (out / report.RESULTS_MARKDOWN).read_text()
     assert "| weights MB | loaded RSS MB | prefill tok/s | decode tok/s |" in markdown
     assert f"{edge['weights_mb']:.1f}" in markdown and "speed at batch 1" in markdown
+
+
+def test_the_benchmark_measures_every_variant_through_eval(bitmask_folder, mini_data, tmp_path, monkeypatch):
+    """benchmarks/edge.py: its rows, and one row measured by `eval --edge` in a child process, as in the real run."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    bench = importlib.import_module("edge")
+    assert [(r["format"], r["dtype"]) for r in bench.variants("dense")] == [
+        ("dense", "float32"), ("dense", "bfloat16"), ("dense", "int8")]
+    assert len(bench.variants("qk50")) == 5 and {r["format"] for r in bench.variants("qk50")} == {"dense", "bitmask"}
+
+    row = {"model": "qk50", "format": "bitmask", "dtype": "bfloat16"}
+    record = bench.measure(row, bitmask_folder, tmp_path, windows=bench.WINDOWS)
+    assert record["dtype"] == "bfloat16" and record["file_mb"] == bench.folder_mb(bitmask_folder) > 0
+    assert record["wikitext2_ppl"] is None and record["decode_tokens_per_s"] > 0  # bitmask: same weights as dense
+    table = bench.markdown([record])
+    assert f"| qk50 | bitmask | bfloat16 | {record['file_mb']:.1f} | {record['weights_mb']:.1f} |" in table
+    assert table.rstrip().endswith("| = |")
