@@ -8,6 +8,7 @@ folder appears whole or not at all; a file whose checksum differs fails the fetc
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import tempfile
@@ -57,8 +58,11 @@ def _load_rows(reference: ReferenceFile) -> Any:
     try:
         import datasets
 
-        split = hub.split if hub.rows is None else f"{hub.split}[:{hub.rows}]"
-        return datasets.load_dataset(hub.dataset, hub.config, split=split)
+        if hub.rows is None:
+            return datasets.load_dataset(hub.dataset, hub.config, split=hub.split)
+        # the first rows of a large split (C4): streamed, not the whole split downloaded
+        stream = datasets.load_dataset(hub.dataset, hub.config, split=hub.split, streaming=True)
+        return datasets.Dataset.from_list(list(itertools.islice(stream, hub.rows)), features=stream.features)
     except Exception as exc:  # offline mode, no network, a renamed data set: all mean "not fetchable here"
         first = (str(exc).strip().splitlines() or [""])[0]
         raise FetchError(f"cannot fetch {reference.path} from the hub ({hub.dataset}, {hub.config or 'default'}, "
