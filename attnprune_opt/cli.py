@@ -54,7 +54,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .atomic import check_output_dir
-    from .evaluation.edge import process_rss_mb, quantize_int8
+    from .evaluation.edge import edge_figures, process_rss_mb, quantize_int8
     from .evaluation.report import to_markdown, write_report
     from .evaluation.runner import DEFAULT_BATCH_SIZE, PERPLEXITY_SETS, check_request, evaluate
     from .export.load import load_pruned_model, read_manifest
@@ -92,7 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         info = {"name": args.target, "source": getattr(model, SOURCE_ATTR)}
     if args.int8:
         quantize_int8(model)
-    edge = {"loaded_rss_mb": process_rss_mb() - rss_before, "int8": args.int8} if args.edge else None
+    edge = edge_figures(model, rss_before_load_mb=rss_before, int8=args.int8) if args.edge else None
     dense = None
     if dense_name is not None:
         print(f"loading dense reference {dense_name}", file=sys.stderr)

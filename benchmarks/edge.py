@@ -4,8 +4,11 @@ formats and dtypes a user would ship, and weight-only int8 (torchao) on top of e
 The embedded model is written as a plain safetensors folder (its GGUF load would dequantize in memory and distort
 the figures), pruned by the CLI with `smollm2_qk50.yaml` and `smollm2_whole50.yaml`, and exported to bitmask
 folders. Then every row is one `attnprune-opt eval FOLDER --edge` in its own process: the weights' memory, the
-process's resident growth while loading, batch-1 prefill and decode tokens per second, and the WikiText-2
-perplexity of the first 16 windows of 512 tokens. Speed depends on this machine and its load; the other columns do not.
+process's resident growth from before loading to after the speed runs, batch-1 prefill and decode tokens per
+second, and the WikiText-2 perplexity of the first 16 windows of 512 tokens. Speed depends on this machine and its load; the other columns do
+not. The rows run on one thread (OMP_NUM_THREADS=1): on a machine shared with other work, two threads wait on each
+other at every small decode step (a first run measured 1 decoded token per second that way), so the figures are
+per core.
 
 Usage: python benchmarks/edge.py --out DIR [--overwrite] [--readme]
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -65,7 +69,7 @@ def measure(row: dict, folder: Path, work: Path, windows: int) -> dict:
     perplexity = ["--no-perplexity"] if row["format"] == "bitmask" else ["--perplexity", "wikitext2", "--windows",
                                                                          str(windows)]
     subprocess.run([*CLI, "eval", str(folder), "--edge", *eval_args(row), *perplexity, "--output", str(out),
-                    "--quiet"], check=True, stdout=subprocess.DEVNULL)
+                    "--quiet"], check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     result = json.loads((out / "results.json").read_text())[0]
     ppl = result["perplexity"].get("wikitext2")
     if ppl is not None and ppl["sequences"] != windows:
@@ -79,11 +83,11 @@ def markdown(records: list[dict]) -> str:
     lines = [f"Batch 1, {first['prompt_tokens']}-token prefill and {first['new_tokens']} decoded tokens (median of "
              f"{first['repeats']}), {first['threads']} threads; WikiText-2 perplexity on the first {WINDOWS} "
              "windows of 512 tokens (bitmask rows: the same weights as the dense format once loaded).", "",
-             "| model | format | weights | file MB | weights MB | loaded RSS MB | prefill tok/s | decode tok/s | "
+             "| model | format | weights | file MB | weights MB | resident MB | prefill tok/s | decode tok/s | "
              "WikiText-2 ppl |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r['model']} | {r['format']} | {r['dtype']} | {r['file_mb']:.1f} | {r['weights_mb']:.1f} | "
-                     f"{r['loaded_rss_mb']:.0f} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | "
+                     f"{r['resident_mb']:.0f} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | "
                      f"{'=' if r['wikitext2_ppl'] is None else format(r['wikitext2_ppl'], '.2f')} |")
     return "\n".join(lines) + "\n"
 

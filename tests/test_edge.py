@@ -98,10 +98,10 @@ def test_eval_edge_end_to_end(bitmask_folder, mini_data, tmp_path, capsys, optio
                  str(out), *options]) == 0
     result = json.loads((out / report.RESULTS_JSON).read_text())[0]
     edge = result["edge"]
-    assert edge["dtype"] == dtype and edge["int8_weights"] == int8 and edge["loaded_rss_mb"] is not None
+    assert edge["dtype"] == dtype and edge["int8_weights"] == int8 and edge["resident_mb"] is not None
     assert edge["weights_mb"] > 0 and math.isfinite(result["perplexity"]["c4"]["perplexity"])
     markdown = (out / report.RESULTS_MARKDOWN).read_text()
-    assert "| weights MB | loaded RSS MB | prefill tok/s | decode tok/s |" in markdown
+    assert "| weights MB | resident MB | prefill tok/s | decode tok/s |" in markdown
     assert f"{edge['weights_mb']:.1f}" in markdown and "speed at batch 1" in markdown
 
 

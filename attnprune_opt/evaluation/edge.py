@@ -2,9 +2,10 @@
 at batch 1 (prefill and decode tokens per second), and the weight-only int8 variant through torchao.
 
 Memory is given two ways: ``weights_mb`` counts the bytes of every parameter and buffer (int8 tensors by their
-int8 data and scales), exact and machine-independent; ``loaded_rss_mb`` is the growth of the process's resident
-memory while the model was loaded (whatever else loading left behind included), when the caller measured it with
-:func:`process_rss_mb`. Speed is measured on this machine with the threads torch uses, on fixed token ids (the
+int8 data, scales and zero points), exact and machine-independent; ``resident_mb`` is the growth of the process's
+resident memory from before the model was loaded (the caller's :func:`process_rss_mb`) to after the speed runs,
+when every weight has been paged in (safetensors are memory-mapped, so right after loading much of a model is not
+resident yet): weights, what loading left allocated, the KV cache and activations. Speed is measured on this machine with the threads torch uses, on fixed token ids (the
 values do not change the cost of a dense forward): the median of ``repeats`` timed prefills of ``prompt_tokens``
 tokens, and of ``repeats`` greedy decodes of ``new_tokens`` tokens one at a time with the KV cache. Zeros in a
 dense matrix cost as much as any value, so a pruned model is expected at the dense model's speed.
@@ -110,8 +111,10 @@ def _decode(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
     return time.perf_counter() - started
 
 
-def edge_figures(model: nn.Module, *, loaded_rss_mb: float | None = None, int8: bool = False,
+def edge_figures(model: nn.Module, *, rss_before_load_mb: float | None = None, int8: bool = False,
                  **throughput: Any) -> dict[str, Any]:
-    """The memory and speed record of one loaded model (see the module docstring)."""
-    return {"weights_mb": weights_mb(model), "loaded_rss_mb": loaded_rss_mb, "int8_weights": int8,
-            **token_throughput(model, **throughput)}
+    """The memory and speed record of one loaded model (see the module docstring); measure it before anything
+    else is loaded, as ``resident_mb`` is the growth of the whole process since ``rss_before_load_mb``."""
+    record = {"weights_mb": weights_mb(model), "int8_weights": int8, **token_throughput(model, **throughput)}
+    record["resident_mb"] = None if rss_before_load_mb is None else process_rss_mb() - rss_before_load_mb
+    return record

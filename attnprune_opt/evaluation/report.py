@@ -51,7 +51,7 @@ def to_markdown(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
-EDGE_COLUMNS = {"weights MB": "weights_mb", "loaded RSS MB": "loaded_rss_mb", "prefill tok/s": "prefill_tokens_per_s",
+EDGE_COLUMNS = {"weights MB": "weights_mb", "resident MB": "resident_mb", "prefill tok/s": "prefill_tokens_per_s",
                 "decode tok/s": "decode_tokens_per_s"}
 
 

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 from attnprune_opt.errors import ConfigError
 from attnprune_opt.evaluation.attention_error import attention_error
-from attnprune_opt.evaluation.edge import edge_figures
 from attnprune_opt.evaluation.lm_eval_tasks import LOCAL_TASKS, run_lm_eval
 from attnprune_opt.evaluation.perplexity import C4_EVAL_ROWS, QUICK_WINDOWS, c4_perplexity, wikitext2_perplexity
 
@@ -63,8 +62,9 @@ def evaluate(
     ``windows`` caps the WikiText-2 windows (default all, 64 when ``quick``); ``documents`` is the number of C4
     documents from row 1000 (default 128, 32 when ``quick``); ``limit`` caps lm-eval's documents per task.
     ``model_info`` describes the model in the result (name, method, sparsity...; the name defaults to its
-    name_or_path); reports label and group models by it. ``edge``: measure memory and batch-1 speed too, with
-    these keywords of :func:`edge_figures` (``loaded_rss_mb``, ``int8``, ``prompt_tokens``...; ``{}`` for none).
+    name_or_path); reports label and group models by it. ``edge``: the model's memory and speed record from
+    :func:`~attnprune_opt.evaluation.edge.edge_figures`, measured right after loading (before a dense reference
+    is loaded beside it), kept with the result.
     """
     check_request(perplexity, tasks, batch_size)
     windows = QUICK_WINDOWS if windows is None and quick else windows
@@ -91,8 +91,7 @@ def evaluate(
         "edge": None,
     }
     if edge is not None:
-        logger.info("memory and batch-1 speed")
-        result["edge"] = edge_figures(model, **edge)
+        result["edge"] = dict(edge)
     if dense_model is not None:
         logger.info("attention error against the dense model, layer by layer")
         result["attention_error"] = attention_error(dense_model, model, tokenizer, data_dir=data_dir,
