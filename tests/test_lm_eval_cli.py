@@ -4,6 +4,7 @@ exactly as the in-process evaluation does."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from tiny_models import calibration, tiny_model
@@ -28,12 +29,17 @@ def bitmask_folder(tmp_path_factory):
     return folder
 
 
-def test_lm_eval_command_line_equals_the_in_process_evaluation(bitmask_folder, mini_data, tmp_path):
-    out = tmp_path / "lm_eval"
-    assert main(["lm-eval", "run", "--model", "hf", "--model_args", f"pretrained={bitmask_folder}",
-                 "--tasks", "local_arc_easy", "--limit", "4", "--batch_size", "4", "--output_path", str(out)]) == 0
+def lm_eval_scores(model: str, folder, out) -> dict:
+    """local_arc_easy on 4 documents through `attnprune-opt lm-eval run --model MODEL`."""
+    assert main(["lm-eval", "run", "--model", model, "--model_args", f"pretrained={folder}", "--tasks",
+                 "local_arc_easy", "--limit", "4", "--batch_size", "4", "--output_path", str(out)]) == 0
     (results_file,) = out.rglob("results_*.json")
-    cli = json.loads(results_file.read_text())["results"]["local_arc_easy"]
+    return json.loads(results_file.read_text())["results"]["local_arc_easy"]
+
+
+@pytest.mark.parametrize("lm_eval_model", ["hf", "attnprune"])
+def test_lm_eval_command_line_equals_the_in_process_evaluation(bitmask_folder, mini_data, tmp_path, lm_eval_model):
+    cli = lm_eval_scores(lm_eval_model, bitmask_folder, tmp_path / "lm_eval")
 
     model, tokenizer = load_pruned_model(bitmask_folder), load_tokenizer(str(bitmask_folder))
     in_process = run_lm_eval(model, tokenizer, ["arc_easy"], limit=4, batch_size=4, data_dir=mini_data)["arc_easy"]
@@ -54,3 +60,18 @@ def test_the_local_tasks_join_the_users_include_path():
 def test_lm_eval_errors_keep_lm_evals_exit_status(capsys):
     assert main(["lm-eval", "run", "--no-such-option"]) == 2
     assert "--no-such-option" in capsys.readouterr().err
+
+
+def test_model_attnprune_refuses_a_tampered_folder(bitmask_folder, mini_data, tmp_path, capsys):
+    """--model hf would score the altered weights; --model attnprune checks the files against the manifest."""
+    tampered = tmp_path / "tampered"
+    shutil.copytree(bitmask_folder, tampered)
+    weights = next(tampered.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert main(["lm-eval", "run", "--model", "attnprune", "--model_args", f"pretrained={tampered}", "--tasks",
+                 "local_arc_easy", "--limit", "2", "--output_path", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {tampered}: ")  # one line naming the folder (and the weight at fault)
+    assert not (tmp_path / "out").exists()

@@ -1,7 +1,8 @@
 """``attnprune-opt lm-eval ARGS``: lm-eval's own command line, unchanged, run in a process where this package's
 compressed format is registered (importing ``attnprune_opt`` registers its transformers quantizer, so
 ``--model hf --model_args pretrained=<bitmask folder>`` loads) and with the local task definitions on lm-eval's
-include path (so ``--tasks local_arc_easy`` runs offline from the data folder)."""
+include path (so ``--tasks local_arc_easy`` runs offline from the data folder). ``--model attnprune`` loads a
+folder this package wrote with its manifest checked (:mod:`attnprune_opt.evaluation.lm_eval_model`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 import attnprune_opt  # noqa: F401  (registers the compressed format with transformers)
+from attnprune_opt.evaluation import lm_eval_model  # noqa: F401  (registers --model attnprune with lm-eval)
 from attnprune_opt.evaluation.lm_eval_tasks import tasks_dir
 
 INCLUDE_PATH = "--include_path"
