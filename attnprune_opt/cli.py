@@ -54,7 +54,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .atomic import check_output_dir
-    from .evaluation.edge import edge_figures, process_rss_mb, quantize_int8
+    from .evaluation.edge import check_int8_available, edge_figures, process_rss_mb, quantize_int8
     from .evaluation.report import to_markdown, write_report
     from .evaluation.runner import DEFAULT_BATCH_SIZE, PERPLEXITY_SETS, check_request, evaluate
     from .export.load import load_pruned_model, read_manifest
@@ -64,7 +64,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     perplexity = () if args.no_perplexity else _list(args.perplexity or ",".join(PERPLEXITY_SETS))
     tasks = _list(args.tasks or "")
     batch_size = args.batch_size or DEFAULT_BATCH_SIZE
-    check_request(perplexity, tasks, batch_size)
+    check_request(perplexity, tasks, batch_size, args.windows)
+    if args.int8:
+        check_int8_available()
     if args.output is not None:
         check_output_dir(args.output, args.overwrite)  # fail before the expensive part
     target = _eval_model_name(args.target)
@@ -218,8 +220,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                                                           "(default: as saved)")
     evaluate.add_argument("--int8", action="store_true", help="weight-only int8 (torchao) of the decoder layers' "
                                                               "linears after loading: prune, then quantize")
-    evaluate.add_argument("--edge", action="store_true", help="also measure memory (weights, resident growth while "
-                                                              "loading) and batch-1 prefill/decode tokens per second")
+    evaluate.add_argument("--edge", action="store_true", help="also measure memory (weights; resident growth from "
+                                                              "loading to after running) and batch-1 prefill/decode "
+                                                              "tokens per second")
     evaluate.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(func=cmd_eval)

@@ -74,8 +74,8 @@ def measure(row: dict, folder: Path, work: Path, windows: int) -> dict:
     ppl = result["perplexity"].get("wikitext2")
     if ppl is not None and ppl["sequences"] != windows:
         raise SystemExit(f"{out}: {ppl['sequences']} WikiText-2 windows scored, expected {windows}")
-    return {**row, "file_mb": folder_mb(folder), **result["edge"], "wikitext2_ppl": ppl and ppl["perplexity"],
-            "attention_error": (result["attention_error"] or {}).get("mean")}
+    return {**result["edge"], "file_mb": folder_mb(folder), "wikitext2_ppl": ppl and ppl["perplexity"],
+            "attention_error": (result["attention_error"] or {}).get("mean"), **row}  # the row's dtype: int8
 
 
 def markdown(records: list[dict]) -> str:

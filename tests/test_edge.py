@@ -80,6 +80,15 @@ def test_speed_record_and_bad_arguments():
         token_throughput(tiny_model("llama"), new_tokens=0)
 
 
+def test_int8_without_torchao_is_a_one_line_error_before_loading(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a))
+    assert main(["eval", str(tmp_path / "not-loaded"), "--int8"]) == 2  # the folder is never looked at
+    assert capsys.readouterr().err.strip() == "error: int8 weights need torchao: pip install 'attnprune-opt[int8]'"
+
+
 @pytest.fixture(scope="module")
 def bitmask_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("edge") / "pruned"
@@ -119,6 +128,9 @@ def test_the_benchmark_measures_every_variant_through_eval(bitmask_folder, mini_
     record = bench.measure(row, bitmask_folder, tmp_path, windows=bench.WINDOWS)
     assert record["dtype"] == "bfloat16" and record["file_mb"] == bench.folder_mb(bitmask_folder) > 0
     assert record["wikitext2_ppl"] is None and record["decode_tokens_per_s"] > 0  # bitmask: same weights as dense
+    int8 = bench.measure({"model": "qk50", "format": "bitmask", "dtype": "int8"}, bitmask_folder, tmp_path,
+                         windows=bench.WINDOWS)
+    assert int8["dtype"] == "int8" and int8["int8_weights"] and int8["weights_mb"] < record["weights_mb"]
     table = bench.markdown([record])
     assert f"| qk50 | bitmask | bfloat16 | {record['file_mb']:.1f} | {record['weights_mb']:.1f} |" in table
     assert table.rstrip().endswith("| = |")

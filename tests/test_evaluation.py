@@ -226,6 +226,7 @@ def test_cli_eval_plain_folder_and_one_line_errors(pruned_folder, tmp_path, caps
     for argv, message in (
         (["eval", str(tmp_path / "nowhere")], "error: model folder not found"),
         (["eval", str(pruned_folder / "dense"), "--perplexity", "ptb"], "error: unknown perplexity data set"),
+        (["eval", str(pruned_folder / "dense"), "--windows", "0"], "error: windows must be >= 1, got 0"),
         (["eval", str(pruned_folder / "dense"), "--output", str(pruned_folder / "dense")], "already exists"),
     ):
         assert main(argv) == 2

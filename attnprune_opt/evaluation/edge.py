@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import importlib.util
 import statistics
 import time
 from typing import Any
@@ -58,13 +59,17 @@ def weights_mb(model: nn.Module) -> float:
     return sum(storages.values()) / 1e6
 
 
+def check_int8_available() -> None:
+    """Fail before any model is loaded when int8 weights are asked for and torchao is not installed."""
+    if importlib.util.find_spec("torchao") is None:
+        raise AttnPruneError("int8 weights need torchao: pip install 'attnprune-opt[int8]'")
+
+
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Weight-only int8 (per output channel, symmetric; torchao ``Int8WeightOnlyConfig``) of every linear in the
     decoder layers, in place; a zero weight stays exactly zero, so a pruned model keeps its sparsity."""
-    try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-    except ImportError as exc:
-        raise AttnPruneError(f"int8 weights need torchao ({exc}): pip install 'attnprune-opt[int8]'") from None
+    check_int8_available()
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, name: isinstance(module, nn.Linear)
               and INT8_SCOPE in f".{name}")

@@ -29,10 +29,13 @@ QUICK_DOCUMENTS = 32
 DEFAULT_BATCH_SIZE = 4
 
 
-def check_request(perplexity: Iterable[str], tasks: Iterable[str], batch_size: int = DEFAULT_BATCH_SIZE) -> None:
-    """Unknown perplexity sets or tasks and a bad batch size fail here, before any model is loaded or run."""
+def check_request(perplexity: Iterable[str], tasks: Iterable[str], batch_size: int = DEFAULT_BATCH_SIZE,
+                  windows: int | None = None) -> None:
+    """Unknown perplexity sets or tasks, a bad batch size or window count fail here, before any model is loaded."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if windows is not None and windows < 1:
+        raise ConfigError(f"windows must be >= 1, got {windows}")
     for kind, names, known in (("perplexity data set", perplexity, PERPLEXITY_SETS), ("task", tasks, LOCAL_TASKS)):
         unknown = [name for name in names if name not in known]
         if unknown:
@@ -66,7 +69,7 @@ def evaluate(
     :func:`~attnprune_opt.evaluation.edge.edge_figures`, measured right after loading (before a dense reference
     is loaded beside it), kept with the result.
     """
-    check_request(perplexity, tasks, batch_size)
+    check_request(perplexity, tasks, batch_size, windows)
     windows = QUICK_WINDOWS if windows is None and quick else windows
     documents = documents if documents is not None else QUICK_DOCUMENTS if quick else C4_EVAL_ROWS[1] - C4_EVAL_ROWS[0]
     if documents < 1:
