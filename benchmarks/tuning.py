@@ -1,4 +1,4 @@
-"""Settling the method's open choices (method.md section 7) on development data only.
+"""Settling the method's open choices (docs/method.md section 7) on development data only.
 
 Per-layer study on SmolLM2-135M: for a few decoder layers, the attention inputs of the DENSE model are captured for
 the calibration set (C4 rows 0-7, 512 tokens: the standard protocol) and for a development set (C4 rows 1128-1135,
@@ -48,6 +48,7 @@ class LayerData:
     calibration: AttentionInputs
     development: AttentionInputs
     geometry: object
+    capture_seconds: float = 0.0  # the dense layer's forward over the calibration set, q_proj inputs recorded
 
 
 def capture(layers: list[int]) -> dict[int, LayerData]:
@@ -65,9 +66,12 @@ def capture(layers: list[int]) -> dict[int, LayerData]:
             inputs = capture_layer_inputs(model, adapter.layers[0], sequences)
             for index, layer in enumerate(adapter.layers[: max(layers) + 1]):
                 q_proj = adapter.linear(layer, "q_proj")
+                start = time.perf_counter()
                 with record_linear_inputs({"q_proj": q_proj}, keep=["q_proj"]) as recorded:
                     outputs = run_layer(layer, inputs)
                 if index in layers:
+                    if name == "calibration":
+                        found[index]["capture_seconds"] = time.perf_counter() - start
                     longest = max(inputs, key=lambda item: item.hidden.shape[1])
                     found[index][name] = AttentionInputs(recorded.tensors["q_proj"],
                                                          *adapter.rope_tables(longest.kwargs))
