@@ -15,6 +15,7 @@ class PruneReport:
     calibration: dict[str, Any]
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # all threads of the process: on a shared machine, steadier than wall time
     peak_rss_mb: float = 0.0
 
     def module_sparsity(self) -> dict[str, dict[str, float]]:
@@ -36,12 +37,14 @@ class PruneReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "calibration": self.calibration, "seconds": self.seconds,
+                "cpu_seconds": self.cpu_seconds,
                 "peak_rss_mb": self.peak_rss_mb, "module_sparsity": self.module_sparsity(),
                 "attention_error": self.attention_errors(), "layers": [asdict(layer) for layer in self.layers]}
 
     def to_markdown(self) -> str:
         lines = [f"Pruned {self.model.get('name', '?')} ({self.model.get('model_type', '?')}): "
-                 f"{len(self.layers)} layers in {self.seconds:.1f} s, peak RSS {self.peak_rss_mb:.0f} MB",
+                 f"{len(self.layers)} layers in {self.seconds:.1f} s ({self.cpu_seconds:.1f} CPU s), "
+                 f"peak RSS {self.peak_rss_mb:.0f} MB",
                  f"Calibration: {self.calibration.get('description', '?')}"]
         if self.calibration.get("self_generated"):
             lines.append("NOTE: no calibration data set was found; the model's own generated text was used.")

@@ -212,3 +212,13 @@ def test_a_refit_that_raises_the_error_is_discarded():
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             kept = tensor != 0
             assert torch.equal(tensor[kept], dense[name][kept]), name
+
+
+def test_the_report_gives_wall_and_cpu_time_and_prints_both():
+    model = tiny_model("llama")
+    pruner = AttentionPruner(**{**QK_ONLY, "attention": {"refit_iterations": 2}})
+    pruner.prune_model(model, calibration=calibration(), progress=False)
+    report = pruner.report
+    assert 0 < report.cpu_seconds and 0 < report.seconds
+    assert report.to_dict()["cpu_seconds"] == report.cpu_seconds
+    assert f"({report.cpu_seconds:.1f} CPU s)" in report.to_markdown()
