@@ -7,11 +7,13 @@ Each candidate setting prunes q_proj/k_proj of each layer at 50% with the produc
 scored by the relative attention error on the development inputs (held-out) and on the calibration inputs.
 Baselines (Wanda, SparseGPT, magnitude) are scored the same way.
 
-``--pipeline`` settles the choices that need the whole layer loop (which inputs feed the next layer): each candidate
-prunes all q/k at 50% and is scored by perplexity on WikiText-2 ``wiki.valid.raw`` (first 64 windows) and on C4
-development rows 1128-1159.
+``--pipeline`` settles the choices that need the whole layer loop (which inputs feed the next layer; how much
+calibration data the sampled refit can take at the same cost per step): each candidate prunes all q/k at 50% and
+is scored by perplexity on WikiText-2 ``wiki.valid.raw`` (first 64 windows) and on C4 development rows
+1128-1159.
 
-Usage: python benchmarks/tuning.py --out DIR [--layers 2 8 15 22 28] [--quick] [--pipeline] [--overwrite]
+Usage: python benchmarks/tuning.py --out DIR [--layers 2 8 15 22 28] [--quick] [--pipeline [--only NAME ...]]
+       [--overwrite]
 """
 
 from __future__ import annotations
@@ -155,16 +157,23 @@ def run(layers: list[int], quick: bool) -> list[dict]:
     return records
 
 
-PIPELINE_CANDIDATES = {"propagate pruned": {"propagate": "pruned"}, "propagate dense": {"propagate": "dense"}}
+PIPELINE_CANDIDATES = {
+    "propagate-pruned": {"propagate": "pruned"},
+    "propagate-dense": {"propagate": "dense"},
+    # more calibration at the same refit cost per step: each step sees 4 sequences either way
+    "calibration-32": {"calibration": {"num_samples": 32},
+                       "attention": {"refit_sequence_fraction": 0.125}},
+}
 PIPELINE_C4_ROWS = (DEV_ROWS[0], DEV_ROWS[0] + 32)
 PIPELINE_WIKI_WINDOWS = 64
 
 
-def run_pipeline() -> list[dict]:
-    """Whole-model q/k 50% runs, scored by development perplexities."""
+def run_pipeline(only: list[str] | None = None) -> list[dict]:
+    """Whole-model q/k 50% runs, scored by development perplexities (``only``: these candidates, and dense)."""
     tokenizer = load_tokenizer()
     records = []
-    for name, overrides in {"dense model": None, **PIPELINE_CANDIDATES}.items():
+    chosen = {name: o for name, o in PIPELINE_CANDIDATES.items() if not only or name in only}
+    for name, overrides in {"dense model": None, **chosen}.items():
         model = load_model().eval()
         start = time.perf_counter()
         if overrides is not None:
@@ -217,12 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 15, 22, 28])
     parser.add_argument("--quick", action="store_true", help="four settings instead of the whole grid")
-    parser.add_argument("--pipeline", action="store_true", help="whole-model choices (propagation) instead")
+    parser.add_argument("--pipeline", action="store_true", help="whole-model choices (propagation, calibration "
+                                                                 "amount) instead")
+    parser.add_argument("--only", nargs="+", choices=sorted(PIPELINE_CANDIDATES),
+                        help="with --pipeline: run only these candidates")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     check_output_dir(args.out, args.overwrite)
     if args.pipeline:
-        records = run_pipeline()
+        records = run_pipeline(args.only)
         table = pipeline_markdown(records)
     else:
         records = run(args.layers, args.quick)
