@@ -113,25 +113,28 @@ def baselines(data: LayerData) -> dict[str, dict[str, torch.Tensor]]:
 
 def candidates(quick: bool) -> dict[str, AttentionSettings]:
     """The settings tried; each name says what differs from the defaults of AttentionSettings."""
+    exact = dict(refit_row_fraction=1.0, refit_sequence_fraction=1.0)  # the refit of version 0.1: every row
     grid = {
         "descent (paper), score M|W|": dict(mask="descent", refit_iterations=0),
         "descent (paper), score M": dict(mask="descent", score="mask", refit_iterations=0),
         "descent lam=0.1, score M|W|": dict(mask="descent", lam=0.1, refit_iterations=0),
-        "descent + refit 50": dict(mask="descent", refit_iterations=50),
-        "magnitude + refit 50": dict(mask="magnitude", refit_iterations=50),
-        "sparsegpt + refit 50": dict(mask="sparsegpt", refit_iterations=50),
+        "descent + refit 50": dict(mask="descent", refit_iterations=50, **exact),
+        "magnitude + refit 50": dict(mask="magnitude", refit_iterations=50, **exact),
+        "sparsegpt + refit 50": dict(mask="sparsegpt", refit_iterations=50, **exact),
         "wanda + refit 0": dict(mask="wanda", refit_iterations=0),
-        "wanda + refit 20": dict(mask="wanda", refit_iterations=20),
-        "wanda + refit 50": dict(mask="wanda", refit_iterations=50),
-        "wanda + refit 100": dict(mask="wanda", refit_iterations=100),
-        "wanda + refit 50, lr 0.003": dict(mask="wanda", refit_iterations=50, refit_lr=0.003),
-        "wanda + refit 50, lr 0.03": dict(mask="wanda", refit_iterations=50, refit_lr=0.03),
-        "wanda (per head) + refit 50": dict(mask="wanda", group="head", refit_iterations=50),
-        "wanda (per matrix) + refit 50": dict(mask="wanda", group="matrix", refit_iterations=50),
+        "wanda + refit 20": dict(mask="wanda", refit_iterations=20, **exact),
+        "wanda + refit 50": dict(mask="wanda", refit_iterations=50, **exact),
+        "wanda + refit 100": dict(mask="wanda", refit_iterations=100, **exact),
+        "wanda + refit 50, lr 0.003": dict(mask="wanda", refit_iterations=50, refit_lr=0.003, **exact),
+        "wanda + refit 50, lr 0.03": dict(mask="wanda", refit_iterations=50, refit_lr=0.03, **exact),
+        "wanda (per head) + refit 50": dict(mask="wanda", group="head", refit_iterations=50, **exact),
+        "wanda (per matrix) + refit 50": dict(mask="wanda", group="matrix", refit_iterations=50, **exact),
+        "wanda + sampled refit 60 (rows 1/8)": dict(mask="wanda", refit_iterations=60, refit_sequence_fraction=1.0),
+        "wanda + sampled refit 100 (default)": {},
     }
     if quick:
         grid = {k: v for k, v in grid.items() if k in ("descent (paper), score M|W|", "wanda + refit 0",
-                                                       "wanda + refit 20", "wanda + refit 50")}
+                                                       "wanda + refit 50", "wanda + sampled refit 100 (default)")}
     return {name: AttentionSettings(**values) for name, values in grid.items()}
 
 
