@@ -56,8 +56,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .atomic import check_output_dir
     from .evaluation.report import to_markdown, write_report
     from .evaluation.runner import DEFAULT_BATCH_SIZE, PERPLEXITY_SETS, check_request, evaluate
-    from .export.load import load_pruned_model, read_manifest
-    from .export.save import MANIFEST_NAME
+    from .export.load import check_sparsity, load_pruned_model
+    from .export.manifest import MANIFEST_NAME, read_manifest
+    from .paths import portable_name
     from .models.loading import SOURCE_ATTR, load_model, load_tokenizer
 
     perplexity = () if args.no_perplexity else _list(args.perplexity or ",".join(PERPLEXITY_SETS))
@@ -71,8 +72,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     manifest = read_manifest(folder) if (folder / MANIFEST_NAME).is_file() else None
     dense_name = _eval_model_name(args.dense) if args.dense else _manifest_source(manifest)
     if manifest is not None and dense_name is None:
-        print(f"note: {folder / MANIFEST_NAME} does not name the dense model it was pruned from; pass --dense MODEL "
-              "for the attention error", file=sys.stderr)
+        print(f"note: {folder / MANIFEST_NAME} names the dense model it was pruned from as "
+              f"{(manifest.model or {}).get('name')!r}, which is not found from here; pass --dense MODEL for the "
+              "attention error", file=sys.stderr)
     load = dict(trust_remote_code=args.trust_remote_code, device_map=_device_map(args.device_map),
                 offload_folder=args.offload_folder)
     print(f"loading {target}", file=sys.stderr)
@@ -81,13 +83,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         has_tokenizer = (folder / "tokenizer_config.json").is_file()
         tokenizer = _loaded(target, lambda: load_tokenizer(target if has_tokenizer else dense_name or target,
                                                            trust_remote_code=args.trust_remote_code))
-        info = {"name": args.target, "path": str(folder.resolve()), "source": dense_name,
-                "method": "+".join(dict.fromkeys(rule["method"] for rule in manifest["config"]["rules"])),
-                "sparsity": manifest["sparsity"]["pruned_weights"]}
+        info = {"name": portable_name(folder), "source": dense_name,
+                "method": "+".join(dict.fromkeys(rule.method for rule in manifest.config.rules)),
+                "sparsity": check_sparsity(model, manifest, folder)}  # measured on the loaded weights
     else:
         model = _loaded(target, lambda: load_model(target, **load))
         tokenizer = _loaded(target, lambda: load_tokenizer(target, trust_remote_code=args.trust_remote_code))
-        info = {"name": args.target, "source": getattr(model, SOURCE_ATTR)}
+        info = {"name": getattr(model, SOURCE_ATTR)["name"], "source": getattr(model, SOURCE_ATTR)["source"]}
     dense = None
     if dense_name is not None:
         print(f"loading dense reference {dense_name}", file=sys.stderr)
@@ -117,9 +119,14 @@ def _eval_model_name(value: str) -> str:
     return value
 
 
-def _manifest_source(manifest: dict | None) -> str | None:
-    """The dense model a pruned folder came from, as its manifest records it."""
-    return ((manifest or {}).get("model") or {}).get("source")
+def _manifest_source(manifest) -> str | None:
+    """The dense model a pruned folder came from, as its manifest records it, if it can be loaded from here."""
+    from .models.loading import DEFAULT_MODEL
+
+    model = (manifest.model if manifest else None) or {}
+    source = model.get("source")
+    local = source not in (None, DEFAULT_MODEL) and model.get("sha256") is not None  # recorded relative to the cwd
+    return None if source is None or (local and not Path(source).exists()) else source
 
 
 def _loaded(name: str, load):
@@ -132,7 +139,7 @@ def _loaded(name: str, load):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export.save import export_pruned
+    from .export.convert import export_pruned
 
     out = export_pruned(args.input, args.output, args.format, overwrite=args.overwrite,
                         max_shard_size=args.max_shard_size)
@@ -141,9 +148,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _sizes_line(folder: Path) -> str:
-    from .export.save import describe_sizes, read_manifest
+    from .export.manifest import describe_sizes, read_manifest
 
     return describe_sizes(read_manifest(folder))
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .export.verify import verify_pruned_folder
+
+    manifest = verify_pruned_folder(args.folder, weights=True)
+    print(f"{args.folder}: verified: {len(manifest.files)} files match their SHA-256; "
+          f"{len(manifest.sparsity.modules)} pruned weights hold the recorded zeros "
+          f"({manifest.sparsity.pruned_weights:.4f} of their values)")
+    return 0
 
 
 def cmd_validate_recipe(args: argparse.Namespace) -> int:
@@ -212,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-shard-size", default="2GB", help="largest weight file, as for save_pretrained "
                                                                   "(default: %(default)s)")
     export.set_defaults(func=cmd_export)
+
+    verify = sub.add_parser("verify", help="check a pruned output folder against its manifest: every file's SHA-256, "
+                                           "the recorded figures and every pruned weight's zeros")
+    verify.add_argument("folder", type=Path, metavar="DIR", help="a folder written by prune or export")
+    verify.set_defaults(func=cmd_verify)
 
     validate = sub.add_parser("validate-recipe", help="check recipe files against the schema")
     validate.add_argument("recipes", type=Path, nargs="+")

@@ -68,8 +68,7 @@ class AttentionPruner:
             layers = prune_layers(adapter, inputs, self.config, progress=progress)
         self.tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         self.report = PruneReport(
-            model={"name": getattr(model, "name_or_path", None) or model.config.name_or_path,
-                   "source": getattr(model, SOURCE_ATTR, None),  # what load_model was given: the dense reference
+            model={**(getattr(model, SOURCE_ATTR, None) or {"source": None, "name": type(model).__name__}),
                    "model_type": model.config.model_type, "num_layers": len(adapter.layers)},
             calibration=calib.provenance(), layers=layers, seconds=time.perf_counter() - start,
             peak_rss_mb=peak_rss_mb())

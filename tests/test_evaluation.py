@@ -190,8 +190,11 @@ def pruned_folder(tmp_path_factory, dense, tok):
     root = tmp_path_factory.mktemp("cli")
     dense.save_pretrained(root / "dense")
     tok.save_pretrained(root / "dense")
-    model = load_model(str(root / "dense"))
-    assert getattr(model, SOURCE_ATTR) == str((root / "dense").resolve())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)  # a local model is recorded relative to the current directory, never by absolute path
+        model = load_model("dense")
+    assert getattr(model, SOURCE_ATTR)["source"] == "dense"
+    assert getattr(model, SOURCE_ATTR)["sha256"].keys() == {"config.json", "model.safetensors"}
     pruner = AttentionPruner(rules=[{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5}],
                              attention={"iterations": 5})
     pruner.prune_model(model, calibration=calibration(), progress=False)
@@ -199,13 +202,17 @@ def pruned_folder(tmp_path_factory, dense, tok):
     return root
 
 
-def test_cli_eval_pruned_folder_uses_the_manifest_source(pruned_folder, capsys):
+def test_cli_eval_pruned_folder_uses_the_manifest_source(pruned_folder, capsys, monkeypatch):
     manifest = json.loads((pruned_folder / "pruned" / "attnprune_manifest.json").read_text())
-    assert manifest["model"]["source"] == str((pruned_folder / "dense").resolve())
+    assert manifest["model"]["source"] == "dense"
+    assert main(["eval", str(pruned_folder / "pruned"), "--no-perplexity", "--quiet"]) == 0
+    assert "names the dense model it was pruned from as 'dense', which is not found from here" in \
+        capsys.readouterr().err
+    monkeypatch.chdir(pruned_folder)
     out = pruned_folder / "report"
-    assert main(["eval", str(pruned_folder / "pruned"), "--no-perplexity", "--quiet", "--output", str(out)]) == 0
+    assert main(["eval", "pruned", "--no-perplexity", "--quiet", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
-    row = next(line for line in printed.splitlines() if line.startswith(f"| {pruned_folder / 'pruned'} |"))
+    row = next(line for line in printed.splitlines() if line.startswith("| pruned |"))
     saved = json.loads((out / report.RESULTS_JSON).read_text())[0]
     assert f"{saved['attention_error']['mean']:.5f}" in row and "| 0.500 |" in row
     assert saved["model"]["source"] == manifest["model"]["source"] and saved["perplexity"] == {}

