@@ -3,14 +3,20 @@ killed at any step of a save or an overwrite leaves the output path holding a co
 next run cleans up; a full disk and a read-only output are one-line errors that leave nothing behind."""
 
 import json
+import os
 import shutil
+import signal
+import stat
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
 import yaml
 
 from attnprune_opt import AttentionPruner, load_pruned_model
+from attnprune_opt.atomic import atomic_output_dir, recover
 from attnprune_opt.cli import main
 from attnprune_opt.errors import ArtifactError
 from attnprune_opt.export.manifest import MANIFEST_NAME
@@ -140,3 +146,127 @@ def test_manifest_holds_no_absolute_path(saved):
         text = (saved / name / MANIFEST_NAME).read_text()
         assert str(saved) not in text and "/tmp/" not in text and "/work/" not in text and "/root" not in text
         assert yaml.safe_load(text)["schema_version"] == 2
+
+
+# --- killed while writing: the output path holds a complete folder, old or new ------------------------------------
+
+WRITER = r"""
+import sys, time
+from pathlib import Path
+from attnprune_opt import atomic
+
+out, step, go, mode = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+
+
+def pause(name):
+    if name == step:
+        print(name, flush=True)
+        while not go.exists():
+            time.sleep(0.01)
+
+
+make_temp, move, exchange, moves = atomic._make_temp, atomic._move, atomic._exchange, []
+
+
+def make_temp_then_pause(path):
+    tmp = make_temp(path)
+    pause("temp")
+    return tmp
+
+
+def move_then_pause(source, target):
+    move(source, target)
+    moves.append(target)
+    pause(f"move{len(moves)}")
+
+
+def exchange_then_pause(first, second):
+    if mode == "renames":
+        return False
+    assert exchange(first, second)
+    pause("exchanged")
+    return True
+
+
+atomic._make_temp, atomic._move, atomic._exchange = make_temp_then_pause, move_then_pause, exchange_then_pause
+with atomic.atomic_output_dir(out, overwrite=True) as tmp:
+    (tmp / "weights").write_text("new" * 1000)
+    pause("written")
+    (tmp / "manifest").write_text("new")
+print("done", flush=True)
+"""
+# Each step of writing a new output, and of replacing one by exchange or (where the OS has none) by two renames.
+STEPS = [("new", "temp"), ("new", "written"), ("new", "move1"),
+         ("exchange", "temp"), ("exchange", "written"), ("exchange", "exchanged"),
+         ("renames", "written"), ("renames", "move1"), ("renames", "move2")]
+MOVED = {"move1", "move2", "exchanged"}  # SIGTERM is held during the moves: the new folder is in place
+
+
+def write_folder(path, content: str) -> None:
+    path.mkdir()
+    (path / "weights").write_text(content * 1000)
+    (path / "manifest").write_text(content)
+
+
+def folder_content(path) -> str | None:
+    """"old" or "new" for a complete folder, None for no folder; anything else fails."""
+    if not path.exists():
+        return None
+    content = (path / "manifest").read_text()
+    assert (path / "weights").read_text() == content * 1000 and sorted(p.name for p in path.iterdir()) == [
+        "manifest", "weights"]
+    return content
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("mode,step", STEPS)
+def test_killed_at_each_step(mode, step, signum, tmp_path):
+    root = tmp_path / "outputs"
+    root.mkdir()
+    out, go = root / "out", tmp_path / "go"
+    if mode != "new":
+        write_folder(out, "old")
+    child = subprocess.Popen([sys.executable, "-c", WRITER, str(out), step, str(go), mode],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == step
+    os.kill(child.pid, signum)
+    go.touch()
+    stdout, stderr = child.communicate(timeout=60)
+    assert child.returncode != 0 and "done" not in stdout
+
+    finished = step in MOVED and signum == signal.SIGTERM
+    before = folder_content(out)
+    if signum == signal.SIGTERM:  # cleaned up on the way out
+        assert [p.name for p in root.iterdir()] == (["out"] if before else [])
+        assert before == ("new" if finished else None if mode == "new" else "old")
+    elif (mode, step) != ("renames", "move1"):
+        assert before in (("new",) if step in MOVED else (None,) if mode == "new" else ("old",))
+
+    cleaned = recover(out)  # what the next run on the same output does first
+    assert bool(cleaned) == (signum == signal.SIGKILL and (mode, step) != ("new", "move1")), cleaned
+    after = folder_content(out)
+    assert [p.name for p in root.iterdir()] == (["out"] if after else [])
+    if mode != "new":
+        assert after in ("old", "new")  # never lost
+    assert after == before or (mode, step) == ("renames", "move1") and after == "old"  # rolled back
+
+
+def test_output_folder_permissions_follow_the_umask(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        with atomic_output_dir(tmp_path / "out") as tmp:
+            (tmp / "f").write_text("x")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750
+
+
+def test_output_containing_the_current_directory_is_refused(tmp_path, monkeypatch, capsys):
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    for output in (".", "..", str(tmp_path)):
+        assert main(["prune", "--output", output, "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: output {output} contains the current directory; name a folder of its own, such as " \
+                      "out/NAME\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"] and not any((tmp_path / "sub").iterdir())
