@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 _HANDLED = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 _HELD = (*_HANDLED, signal.SIGINT)
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -78,7 +79,13 @@ def atomic_output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Pat
         try:
             with _signals_held():  # so that the folder is known to the cleanup below as soon as it exists
                 tmp = _make_temp(path)
-            yield tmp
+            try:
+                yield tmp
+            except Exception as exc:
+                reason = _no_room(exc)
+                if reason is None:
+                    raise
+                raise OutputPathError(f"cannot write output {path}: {reason}") from exc
             check_output_dir(path, overwrite)  # it may have appeared while we worked
             with _signals_held():
                 _replace(tmp, path)
@@ -108,6 +115,14 @@ def recover(path: str | Path) -> list[str]:
     for line in done:
         logger.warning(line)
     return done
+
+
+def _no_room(exc: Exception) -> str | None:
+    """The reason, if ``exc`` says the output does not fit (disk full, file size limit, quota, read-only)."""
+    if isinstance(exc, OSError) and exc.errno in _NO_ROOM:
+        return exc.strerror
+    code = re.search(r"\(os error (\d+)\)", str(exc))  # I/O errors of Rust libraries (safetensors)
+    return os.strerror(int(code[1])) if code and int(code[1]) in _NO_ROOM else None
 
 
 def _make_temp(path: Path) -> Path:

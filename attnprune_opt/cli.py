@@ -1,12 +1,14 @@
 """``attnprune-opt``: prune, evaluate, export and validate recipes from the shell.
 
-Errors the user can fix print as one line on stderr (exit status 2), never as a traceback.
+Every failure prints one line on stderr naming the file, key or value at fault, with exit status 2; the traceback
+only with ``attnprune-opt --debug COMMAND``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -26,8 +28,10 @@ def _device_map(value: str | None):
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .atomic import check_output_dir
-    from .models.loading import DEFAULT_MODEL, load_model, load_tokenizer
+    from .atomic import check_free_space, check_output_dir
+    from .data.calibration import check_source
+    from .export.save import shard_bytes
+    from .models.loading import DEFAULT_MODEL, check_model_source, load_model, load_tokenizer
     from .pruner import AttentionPruner
 
     pruner = AttentionPruner.from_recipe(args.recipe)
@@ -38,12 +42,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if args.refit_iterations is not None:
             config["attention"]["refit_iterations"] = args.refit_iterations
         pruner = AttentionPruner.from_dict(config)
-    check_output_dir(args.output, args.overwrite)  # fail before the expensive part
+    # Everything that can be checked before the expensive part.
+    check_output_dir(args.output, args.overwrite)
+    shard_bytes(args.max_shard_size)
     name = args.model or pruner.config.model or DEFAULT_MODEL
+    check_model_source(name)
+    check_source(pruner.calibration_spec())
     print(f"loading {name}", file=sys.stderr)
-    tokenizer = load_tokenizer(name, trust_remote_code=args.trust_remote_code)
-    model = load_model(name, trust_remote_code=args.trust_remote_code, device_map=_device_map(args.device_map),
-                       offload_folder=args.offload_folder)
+    tokenizer = _loaded(name, lambda: load_tokenizer(name, trust_remote_code=args.trust_remote_code))
+    model = _loaded(name, lambda: load_model(name, trust_remote_code=args.trust_remote_code,
+                                             device_map=_device_map(args.device_map),
+                                             offload_folder=args.offload_folder))
+    check_free_space(args.output, sum(p.numel() * p.element_size() for p in model.parameters()))
     pruner.prune_model(model, tokenizer, progress=not args.quiet)
     out = pruner.save(model, args.output, overwrite=args.overwrite, format=args.format,
                       max_shard_size=args.max_shard_size)
@@ -64,7 +74,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     perplexity = () if args.no_perplexity else _list(args.perplexity or ",".join(PERPLEXITY_SETS))
     tasks = _list(args.tasks or "")
     batch_size = args.batch_size or DEFAULT_BATCH_SIZE
-    check_request(perplexity, tasks, batch_size)
+    check_request(perplexity, tasks, batch_size, args.limit)
     if args.output is not None:
         check_output_dir(args.output, args.overwrite)  # fail before the expensive part
     target = _eval_model_name(args.target)
@@ -107,16 +117,14 @@ def _list(value: str) -> list[str]:
 
 
 def _eval_model_name(value: str) -> str:
-    """``default`` is the embedded SmolLM2; a path that looks local must exist; anything else may be a hub id."""
-    from .models.loading import DEFAULT_MODEL
+    """``default`` is the embedded SmolLM2; anything else must be a usable model path, a pruned folder or a hub id."""
+    from .export.manifest import MANIFEST_NAME
+    from .models.loading import DEFAULT_MODEL, check_model_source
 
-    if value in ("default", DEFAULT_MODEL):
-        return DEFAULT_MODEL
-    path = Path(value)
-    if not path.exists() and (path.is_absolute() or value.startswith((".", "~")) or value.count("/") > 1
-                              or path.suffix == ".gguf"):
-        raise FileNotFoundError(f"model folder not found: {value}")
-    return value
+    name = DEFAULT_MODEL if value == "default" else value
+    if not (Path(name) / MANIFEST_NAME).is_file():
+        check_model_source(name, prunable=False)
+    return name
 
 
 def _manifest_source(manifest) -> str | None:
@@ -175,6 +183,7 @@ def cmd_validate_recipe(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnprune-opt", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     prune = sub.add_parser("prune", help="prune a model with a recipe and save it")
@@ -242,15 +251,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The one error boundary: any failure is one line on stderr and exit status 2 (traceback with --debug)."""
+    from .errors import Terminated
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except AttnPruneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        if args.debug:
+            raise
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        print(f"error: stopped by {signal.Signals(signum).name}; no output was written", file=sys.stderr)
+        return 128 + signum
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, PermissionError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+
+def _one_line(exc: Exception) -> str:
+    """The message of ``exc``: ours as they are, a system error with its file, anything else with its type."""
+    if isinstance(exc, AttnPruneError):
+        message = str(exc)
+    elif isinstance(exc, OSError) and exc.strerror:
+        message = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    else:
+        message = f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return " ".join(lines) if len(lines) < 4 else " ".join(lines[:3]) + " ..."
 
 
 if __name__ == "__main__":

@@ -43,3 +43,7 @@ class Terminated(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(f"terminated by signal {signum}")
         self.signum = signum
+
+
+class ModelSourceError(AttnPruneError):
+    """A model path cannot be used: it does not exist, is not a model folder, or holds no safetensors weights."""

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .config import PrunerConfig
 from .data import CalibrationSet, CalibrationSpec, load_calibration
-from .errors import CalibrationDataError
+from .errors import CalibrationDataError, ConfigError
 from .models.adapters import get_adapter
 from .models.loading import SOURCE_ATTR
 from .models.offload import evaluating
@@ -62,6 +62,7 @@ class AttentionPruner:
         start = time.perf_counter()
         adapter = get_adapter(model)
         calib = self._calibration(model, tokenizer, calibration)
+        check_positions(self.config, model, max(len(s) for s in calib.sequences))
         check_config_fits(self.config, adapter, max(len(s) for s in calib.sequences))
         with evaluating(model), torch.no_grad():
             inputs = capture_layer_inputs(model, adapter.layers[0], calib.sequences)
@@ -83,10 +84,15 @@ class AttentionPruner:
                            tokenizer=tokenizer if tokenizer is not None else self.tokenizer,
                            overwrite=overwrite, format=format, max_shard_size=max_shard_size)
 
+    def calibration_spec(self) -> CalibrationSpec:
+        """The configured calibration source, as :func:`~attnprune_opt.data.load_calibration` takes it."""
+        settings = self.config.calibration
+        return CalibrationSpec(source=settings.source, num_samples=settings.num_samples, seq_len=settings.seq_len,
+                               seed=self.config.seed, sampling=settings.sampling, rows=settings.rows)
+
     def _calibration(self, model: nn.Module, tokenizer, calibration: Calibration | None) -> CalibrationSet:
         settings = self.config.calibration
-        spec = CalibrationSpec(source=settings.source, num_samples=settings.num_samples, seq_len=settings.seq_len,
-                               seed=self.config.seed, sampling=settings.sampling, rows=settings.rows)
+        spec = self.calibration_spec()
         if calibration is None:
             if tokenizer is None:
                 raise CalibrationDataError("no calibration data and no tokenizer to load the configured source")
@@ -106,6 +112,14 @@ class AttentionPruner:
             sequences = [torch.as_tensor(item, dtype=torch.long).reshape(-1)[: settings.seq_len] for item in items]
             description = f"{len(items)} token sequences given by the caller, truncated to {settings.seq_len}"
         return _checked(CalibrationSet(sequences=sequences, spec=spec, description=description))
+
+
+def check_positions(config: PrunerConfig, model: nn.Module, longest: int) -> None:
+    """Calibration sequences may not be longer than the positions the model was trained for."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and longest > positions:
+        raise ConfigError(f"calibration.seq_len {config.calibration.seq_len}: calibration sequences of {longest} "
+                          f"tokens exceed the model's max_position_embeddings {positions}; set seq_len <= {positions}")
 
 
 def _checked(calibration: CalibrationSet) -> CalibrationSet:

