@@ -73,7 +73,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     perplexity = () if args.no_perplexity else _list(args.perplexity or ",".join(PERPLEXITY_SETS))
     tasks = _list(args.tasks or "")
-    batch_size = args.batch_size or DEFAULT_BATCH_SIZE
+    batch_size = DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
     check_request(perplexity, tasks, batch_size, args.limit)
     if args.output is not None:
         check_output_dir(args.output, args.overwrite)  # fail before the expensive part

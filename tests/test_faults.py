@@ -2,7 +2,9 @@
 killed at any step of a save or an overwrite leaves the output path holding a complete model (old or new) and the
 next run cleans up; a full disk and a read-only output are one-line errors that leave nothing behind."""
 
+import ctypes
 import json
+import logging
 import os
 import shutil
 import signal
@@ -270,3 +272,108 @@ def test_output_containing_the_current_directory_is_refused(tmp_path, monkeypatc
         assert err == f"error: output {output} contains the current directory; name a folder of its own, such as " \
                       "out/NAME\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"] and not any((tmp_path / "sub").iterdir())
+
+
+# --- the same through the command line, on a real (tiny) model --------------------------------------------------------
+
+PRUNE_RECIPE = {"rules": [{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5}],
+                "attention": {"iterations": 2, "refit_iterations": 0},
+                "calibration": {"source": "c4", "num_samples": 2, "seq_len": 32}}
+PAUSED_PRUNE = r"""
+import sys, time
+from pathlib import Path
+from attnprune_opt.cli import main
+from attnprune_opt.export import save
+
+go, write_manifest = Path(sys.argv[1]), save.write_manifest
+
+
+def pause_then_write(*args, **kwargs):
+    print("weights written", flush=True)
+    while not go.exists():
+        time.sleep(0.01)
+    return write_manifest(*args, **kwargs)
+
+
+save.write_manifest = pause_then_write
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    from attnprune_opt.models.loading import load_tokenizer
+
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = load_tokenizer()
+    tiny_model("llama", vocab_size_override=len(tokenizer)).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "recipe.yaml").write_text(yaml.safe_dump(PRUNE_RECIPE))
+    return root
+
+
+def prune_args(cli_model, out, *extra) -> list[str]:
+    return ["prune", "--recipe", str(cli_model / "recipe.yaml"), "--model", str(cli_model / "model"), "--output",
+            str(out), "--quiet", *extra]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_prune_killed_while_saving(cli_model, signum, tmp_path, caplog):
+    out, go = tmp_path / "outputs" / "pruned", tmp_path / "go"
+    out.parent.mkdir()
+    assert main(prune_args(cli_model, out)) == 0
+    old = (out / MANIFEST_NAME).read_bytes()
+    child = subprocess.Popen([sys.executable, "-c", PAUSED_PRUNE, str(go), *prune_args(cli_model, out, "--overwrite")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "weights written"
+    os.kill(child.pid, signum)
+    go.touch()
+    _, err = child.communicate(timeout=120)
+    assert (out / MANIFEST_NAME).read_bytes() == old  # the old output, intact
+    verify_pruned_folder(out)
+    if signum == signal.SIGTERM:
+        assert child.returncode == 128 + signal.SIGTERM
+        assert err.strip().splitlines()[-1] == "error: stopped by SIGTERM; no output was written"
+        assert [p.name for p in out.parent.iterdir()] == ["pruned"]
+    else:
+        assert len(list(out.parent.iterdir())) == 2  # and the dead run's partial folder
+        with caplog.at_level(logging.WARNING, logger="attnprune_opt.atomic"):
+            assert main(prune_args(cli_model, out, "--overwrite")) == 0  # the next run on the same output
+        assert f"left by an interrupted run (process {child.pid})" in caplog.text
+        assert [p.name for p in out.parent.iterdir()] == ["pruned"]
+
+
+def test_disk_full_while_saving(cli_model, tmp_path):
+    """A file-size limit (RLIMIT_FSIZE) stands in for a full disk: writing the weights fails with EFBIG."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process instead of failing write
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    out = tmp_path / "outputs" / "pruned"
+    out.parent.mkdir()
+    run = subprocess.run([sys.executable, "-m", "attnprune_opt.cli", *prune_args(cli_model, out)],
+                         preexec_fn=limit_file_size, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == f"error: cannot write output {out}: File too large"
+    assert list(out.parent.iterdir()) == []
+
+
+def test_read_only_output_is_refused_before_loading(tmp_path):
+    """Checked before any model is loaded. Root may write anywhere, so as root the run drops that capability."""
+    parent = tmp_path / "read-only"
+    parent.mkdir(mode=0o555)
+    run = subprocess.run([sys.executable, "-m", "attnprune_opt.cli", "prune", "--output", str(parent / "pruned")],
+                         preexec_fn=without_root_override if os.getuid() == 0 else None, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr == f"error: cannot write in {parent}: Permission denied\n"
+    assert list(parent.iterdir()) == []
+
+
+def without_root_override() -> None:
+    """Drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set: after exec, root obeys permissions."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
