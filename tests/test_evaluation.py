@@ -19,7 +19,7 @@ from attnprune_opt.data.calibration import C4_FILE
 from attnprune_opt.errors import ConfigError, OutputExistsError
 from attnprune_opt.evaluation import report
 from attnprune_opt.evaluation.attention_error import attention_error
-from attnprune_opt.evaluation.runner import evaluate
+from attnprune_opt.evaluation.runner import check_request, evaluate
 from attnprune_opt.models.loading import SOURCE_ATTR, load_model
 from attnprune_opt.paths import data_dir
 
@@ -150,9 +150,12 @@ def test_runner_combines_everything_with_its_protocol(quick_result):
     json.dumps(result)
 
 
-def test_runner_refuses_unknown_names_before_any_work(dense, tok):
-    with pytest.raises(ConfigError, match="unknown task 'arc_medium'"):
+def test_runner_refuses_unknown_names_before_any_work(dense, tok, monkeypatch):
+    with pytest.raises(ConfigError, match="task 'arc_medium' has no local copy and the hub is offline"):
         evaluate(dense, tok, tasks=["arc_medium"], progress=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    check_request([], ["arc_medium"])  # with network, lm-eval is asked for it
     with pytest.raises(ConfigError, match="unknown perplexity data set 'ptb'"):
         evaluate(dense, tok, perplexity=["ptb"], progress=False)
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from attnprune_opt.errors import ConfigError
 from attnprune_opt.paths import portable_name
 from attnprune_opt.evaluation.attention_error import attention_error
-from attnprune_opt.evaluation.lm_eval_tasks import LOCAL_TASKS, run_lm_eval
+from attnprune_opt.evaluation.lm_eval_tasks import LOCAL_TASKS, hub_allowed, run_lm_eval
 from attnprune_opt.evaluation.perplexity import C4_EVAL_ROWS, QUICK_WINDOWS, c4_perplexity, wikitext2_perplexity
 
 if TYPE_CHECKING:
@@ -34,10 +34,14 @@ def check_request(perplexity: Iterable[str], tasks: Iterable[str], batch_size: i
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and not limit > 0:
         raise ConfigError(f"limit (lm-eval documents per task) must be > 0, got {limit}")
-    for kind, names, known in (("perplexity data set", perplexity, PERPLEXITY_SETS), ("task", tasks, LOCAL_TASKS)):
-        unknown = [name for name in names if name not in known]
-        if unknown:
-            raise ConfigError(f"unknown {kind} {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+    unknown = [name for name in perplexity if name not in PERPLEXITY_SETS]
+    if unknown:
+        raise ConfigError(f"unknown perplexity data set {', '.join(map(repr, unknown))}; known: "
+                          f"{', '.join(PERPLEXITY_SETS)}")
+    hub_tasks = [name for name in tasks if name not in LOCAL_TASKS]
+    if hub_tasks and not hub_allowed():
+        raise ConfigError(f"task {', '.join(map(repr, hub_tasks))} has no local copy and the hub is offline "
+                          f"(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE); local tasks: {', '.join(LOCAL_TASKS)}")
 
 
 def evaluate(
