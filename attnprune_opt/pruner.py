@@ -1,6 +1,6 @@
 """AttentionPruner: the public entry point, shaped like optimum's GPTQQuantizer.
 
-    pruner = AttentionPruner.from_recipe("recipes/smollm2_qk50.yaml")   # or AttentionPruner(**config)
+    pruner = AttentionPruner.from_recipe("smollm2_qk50")   # a packaged recipe or a file; or AttentionPruner(**config)
     model = pruner.prune_model(model, tokenizer)                          # in place, layer by layer
     pruner.save(model, "out/qk50")                                        # atomic; refuses to clobber
     model = load_pruned_model("out/qk50", device_map="auto")

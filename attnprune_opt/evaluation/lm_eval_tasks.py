@@ -1,7 +1,7 @@
 """Standard lm-eval tasks run offline from the local copies in the data folder; with network access, any other
 lm-eval task name is passed to lm-eval, which fetches its data from the hub.
 
-The task definitions live in ``integrations/lm_eval_tasks`` (YAML that lm-eval reads); this module is their single
+The task definitions live in ``attnprune_opt/evaluation/tasks`` (YAML that lm-eval reads); this module is their single
 source of truth about which local file backs which task and how its rows map onto the hub dataset's columns, so
 the official prompt templates apply unchanged. ``utils.load_local`` there calls :func:`load_local_docs`.
 """
@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attnprune_opt.data.calibration import data_file_sha256
-from attnprune_opt.paths import DATA_DIR_ENV, REPO_ROOT, data_dir as default_data_dir
+from attnprune_opt.paths import DATA_DIR_ENV, data_dir as default_data_dir
 
 if TYPE_CHECKING:
     import datasets
 
-TASKS_DIR = REPO_ROOT / "integrations" / "lm_eval_tasks"
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 LOCAL_TAG = "attnprune_local"
 
 
@@ -119,12 +119,7 @@ def hub_allowed() -> bool:
 
 
 def tasks_dir() -> Path:
-    """The folder lm-eval is pointed at (``include_path``); it ships with the repo, not with a wheel."""
-    if not (TASKS_DIR / "utils.py").is_file():
-        raise FileNotFoundError(
-            f"lm-eval task definitions not found at {TASKS_DIR}; they live in the repository checkout, "
-            "so install attnprune_opt editable from the repo (pip install -e .)"
-        )
+    """The folder lm-eval is pointed at (``include_path``); package data, so it ships in the wheel."""
     return TASKS_DIR
 
 
