@@ -7,8 +7,7 @@ import pytest
 import yaml
 
 from attnprune_opt.cli import main
-from attnprune_opt.models.loading import load_tokenizer
-from tiny_models import tiny_model
+from tiny_models import save_tiny_model_folder
 
 RECIPE = {"rules": [{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5}],
           "attention": {"iterations": 2, "refit_iterations": 0},
@@ -18,9 +17,7 @@ RECIPE = {"rules": [{"modules": ["q_proj", "k_proj"], "method": "attention", "sp
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
-    tokenizer = load_tokenizer()
-    tiny_model("llama", vocab_size_override=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_model_folder(folder)
     return folder
 
 

@@ -17,21 +17,19 @@ import pytest
 import torch
 import yaml
 
-from attnprune_opt import AttentionPruner, load_pruned_model
+from attnprune_opt import load_pruned_model
 from attnprune_opt.atomic import atomic_output_dir, recover
 from attnprune_opt.cli import main
 from attnprune_opt.errors import ArtifactError
 from attnprune_opt.export.manifest import MANIFEST_NAME
 from attnprune_opt.export.verify import verify_pruned_folder
-from tiny_models import QK_ONLY, calibration, tiny_model
+from tiny_models import QK_ONLY, pruned_tiny_model, save_tiny_model_folder
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A tiny Llama pruned at 50% (q/k), saved dense and bitmask."""
-    model = tiny_model("llama")
-    pruner = AttentionPruner(**{**QK_ONLY, "attention": {"iterations": 3, "refit_iterations": 2}})
-    pruner.prune_model(model, calibration=calibration(), progress=False)
+    model, pruner = pruned_tiny_model({**QK_ONLY, "attention": {"iterations": 3, "refit_iterations": 2}})
     root = tmp_path_factory.mktemp("saved")
     pruner.save(model, root / "dense")
     pruner.save(model, root / "bitmask", format="bitmask")
@@ -302,12 +300,8 @@ sys.exit(main(sys.argv[2:]))
 
 @pytest.fixture(scope="module")
 def cli_model(tmp_path_factory):
-    from attnprune_opt.models.loading import load_tokenizer
-
     root = tmp_path_factory.mktemp("cli")
-    tokenizer = load_tokenizer()
-    tiny_model("llama", vocab_size_override=len(tokenizer)).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_model_folder(root / "model")
     (root / "recipe.yaml").write_text(yaml.safe_dump(PRUNE_RECIPE))
     return root
 

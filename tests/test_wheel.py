@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from attnprune_opt.models.loading import load_tokenizer
-from tiny_models import tiny_model
+from tiny_models import save_tiny_model_folder
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,11 +45,7 @@ def test_wheel_installs_and_prunes_outside_the_checkout(tmp_path):
 
     work = tmp_path / "work"
     work.mkdir()
-    tokenizer = load_tokenizer()
-    model = tiny_model("llama", vocab_size_override=len(tokenizer))
-    model.config.max_position_embeddings = 512  # the recipe's calibration sequences are 512 tokens long
-    model.save_pretrained(work / "tiny")
-    tokenizer.save_pretrained(work / "tiny")
+    save_tiny_model_folder(work / "tiny", max_position_embeddings=512)  # the recipe's sequences have 512 tokens
     env = {**os.environ, "PYTHONPATH": ""}
     env.pop("ATTNPRUNE_DATA_DIR", None)  # calibration comes from the packaged C4 sample
     where = run(python, "-c", "import attnprune_opt, torch; print(attnprune_opt.__file__, torch.__version__)", cwd=work,

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ..config import PrunerConfig
 from ..errors import ArtifactError
 from ..paths import file_sha256
-from .folder import pruned_rule
+from .folder import pruned_rule, read_json
 
 MANIFEST_NAME = "attnprune_manifest.json"
 RECIPE_NAME = "recipe.yaml"
@@ -132,12 +132,7 @@ def read_manifest(folder: str | Path) -> Manifest:
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         raise ArtifactError(f"{folder} has no {MANIFEST_NAME}: it was not written by attnprune_opt")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path}: expected a JSON object")
+    data = read_json(path)
     if data.get("schema_version") != SCHEMA_VERSION:
         raise ArtifactError(f"{path}: schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION} "
                             "(written by another version of attnprune-opt)")
