@@ -139,8 +139,7 @@ def read_manifest(folder: str | Path) -> Manifest:
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg'].removeprefix('Value error, ')}"
-                             for e in exc.errors())
+        problems = "; ".join(_where(e["loc"]) + e["msg"].removeprefix("Value error, ") for e in exc.errors())
         raise ArtifactError(f"{path}: {problems}") from None
     if manifest.digest != _digest(manifest._content()):
         raise ArtifactError(f"{path}: its digest does not match its content: the manifest was edited")
@@ -176,6 +175,11 @@ def _version(package: str) -> str | None:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
+
+
+def _where(loc: tuple) -> str:
+    """``sparsity.modules: `` for a validation error's location; nothing for the manifest as a whole."""
+    return ".".join(map(str, loc)) + ": " if loc else ""
 
 
 def _fraction(zeros: int, numel: int) -> float:
