@@ -68,8 +68,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.runner import DEFAULT_BATCH_SIZE, PERPLEXITY_SETS, check_request, evaluate
     from .export.load import check_sparsity, load_pruned_model
     from .export.manifest import MANIFEST_NAME, read_manifest
-    from .paths import portable_name
     from .models.loading import SOURCE_ATTR, load_model, load_tokenizer
+    from .paths import portable_name
 
     perplexity = () if args.no_perplexity else _list(args.perplexity or ",".join(PERPLEXITY_SETS))
     tasks = _list(args.tasks or "")
