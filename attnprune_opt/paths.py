@@ -17,10 +17,11 @@ def data_dir() -> Path:
 
 
 def portable_name(path: str | Path) -> str:
-    """``path`` as outputs record it: relative to the data folder or the current directory when inside one
-    (``c4/c4_validation_1500.parquet``), else its last component."""
+    """``path`` as outputs record it: relative to the data folder (``c4/c4_validation_1500.parquet``), to the folder
+    holding this package (``attnprune_opt/data/...``, a packaged file) or to the current directory when inside one,
+    else its last component."""
     path = Path(path).resolve()
-    for root in (data_dir(), Path.cwd()):
+    for root in (data_dir(), REPO_ROOT, Path.cwd()):
         try:
             return path.relative_to(Path(root).resolve()).as_posix()
         except ValueError:

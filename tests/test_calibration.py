@@ -231,7 +231,8 @@ def test_c4_rows_in_the_packaged_sample_need_no_data_folder(tok, tmp_path, monke
     sample = load_calibration(spec, tok)
     assert sample.indices == full.indices == tuple(range(8))
     assert all(torch.equal(a, b) for a, b in zip(sample.sequences, full.sequences, strict=True))
-    assert sample.files == (C4_SAMPLE_NAME,) and "C4 validation rows 0-7" in sample.description
+    assert sample.files == (f"attnprune_opt/data/c4_sample/{C4_SAMPLE_NAME}",)
+    assert "C4 validation rows 0-7" in sample.description
     with pytest.raises(CalibrationDataError, match="calibration file not found"):
         load_calibration(CalibrationSpec("c4", num_samples=9, seq_len=8), tok)
 

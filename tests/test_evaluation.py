@@ -242,7 +242,7 @@ def test_smollm2_error_is_confined_to_the_pruned_layer(all_threads):
     from attnprune_opt.models.loading import DEFAULT_MODEL, load_tokenizer
 
     model = load_model()
-    assert getattr(model, SOURCE_ATTR) == DEFAULT_MODEL
+    assert getattr(model, SOURCE_ATTR)["source"] == DEFAULT_MODEL
     result = attention_error(model, magnitude_pruned(model, layers=[3]), load_tokenizer(), rows=(1000, 1002),
                              seq_len=32, progress=False)
     assert len(result["per_head"]) == 30 and {len(heads) for heads in result["per_head"]} == {9}

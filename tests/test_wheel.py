@@ -56,7 +56,7 @@ def test_wheel_installs_and_prunes_outside_the_checkout(tmp_path):
     run(attnprune, "prune", "--recipe", "smollm2_qk50", "--model", "tiny", "--output", "pruned", "--refit-iterations",
         "2", "--quiet", cwd=work, env=env)
     manifest = json.loads((work / "pruned" / "attnprune_manifest.json").read_text())
-    assert manifest["calibration"]["files"] == ["c4_validation_rows_0-7.jsonl"]
+    assert manifest["calibration"]["files"] == ["attnprune_opt/data/c4_sample/c4_validation_rows_0-7.jsonl"]
     assert manifest["sparsity"]["pruned_weights"] == 0.5
     assert "verified" in run(attnprune, "verify", "pruned", cwd=work, env=env)
 
