@@ -93,7 +93,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         has_tokenizer = (folder / "tokenizer_config.json").is_file()
         tokenizer = _loaded(target, lambda: load_tokenizer(target if has_tokenizer else dense_name or target,
                                                            trust_remote_code=args.trust_remote_code))
-        info = {"name": portable_name(folder), "source": dense_name,
+        source = portable_name(dense_name) if dense_name and Path(dense_name).exists() else dense_name
+        info = {"name": portable_name(folder), "source": source,
                 "method": "+".join(dict.fromkeys(rule.method for rule in manifest.config.rules)),
                 "sparsity": check_sparsity(model, manifest, folder)}  # measured on the loaded weights
     else:

@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ..atomic import atomic_output_dir
+from ..atomic import atomic_output_dir, check_output_dir
 from .folder import (
     CONFIG_NAME,
     TensorFiles,
@@ -36,6 +36,7 @@ def export_pruned(in_dir: str | Path, out_dir: str | Path, format: str, *, overw
     check_format(format)
     max_bytes = shard_bytes(max_shard_size)
     in_dir, out_dir = Path(in_dir), Path(out_dir)
+    check_output_dir(out_dir, overwrite)  # before the reading and hashing
     source = verify_pruned_folder(in_dir)
     config = source.config
     weight_map = verify_folder(in_dir)
