@@ -7,18 +7,10 @@ import pytest
 import yaml
 
 from attnprune_opt.cli import main
-from tiny_models import save_tiny_model_folder
 
 RECIPE = {"rules": [{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5}],
           "attention": {"iterations": 2, "refit_iterations": 0},
           "calibration": {"source": "c4", "num_samples": 2, "seq_len": 32}}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    save_tiny_model_folder(folder)
-    return folder
 
 
 @pytest.fixture

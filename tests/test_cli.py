@@ -7,18 +7,9 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from attnprune_opt.cli import main
-from tiny_models import save_tiny_model_folder
 
 RECIPE = {"rules": [{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5}],
           "attention": {"iterations": 5}, "calibration": {"source": "c4", "num_samples": 2, "seq_len": 32}}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny Llama with SmolLM2's tokenizer, saved like any model folder."""
-    folder = tmp_path_factory.mktemp("model")
-    save_tiny_model_folder(folder)
-    return folder
 
 
 @pytest.fixture
