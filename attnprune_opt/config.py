@@ -76,8 +76,12 @@ class PruneRule(_Strict):
 
 
 class AttentionSettings(_Strict):
-    """The method on q_proj/k_proj (method.md sections 4 and 7): how the binary pattern is chosen (``mask``), the
-    paper's descent (used when ``mask`` is ``descent``), and the refit of the kept weights to the attention loss."""
+    """The method on q_proj/k_proj (docs/method.md sections 4 and 7): how the binary pattern is chosen (``mask``), the
+    paper's descent (used when ``mask`` is ``descent``), and the refit of the kept weights to the attention loss.
+
+    The refit's steps are stochastic by default: each sees a share of the calibration sequences and of their query
+    rows (benchmarks/speed.py; docs/method.md section 7b). ``refit_row_fraction: 1`` with ``refit_sequence_fraction:
+    1`` and 50 iterations is the exact solver of version 0.1."""
 
     mask: Literal["descent", "wanda", "magnitude", "sparsegpt"] = "wanda"
     lam: float = Field(default=0.01, ge=0.0, allow_inf_nan=False)
@@ -87,8 +91,10 @@ class AttentionSettings(_Strict):
     line_search: bool = True
     group: Literal["row", "head", "matrix"] = "row"
     score: Literal["mask", "mask_weight"] = "mask_weight"
-    refit_iterations: int = Field(default=50, ge=0)
+    refit_iterations: int = Field(default=100, ge=0)
     refit_lr: float = Field(default=0.01, gt=0.0, allow_inf_nan=False)
+    refit_row_fraction: float = Field(default=0.125, gt=0.0, le=1.0, allow_inf_nan=False)
+    refit_sequence_fraction: float = Field(default=0.5, gt=0.0, le=1.0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _sparsegpt_groups(self) -> AttentionSettings:

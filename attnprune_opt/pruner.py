@@ -59,7 +59,7 @@ class AttentionPruner:
         Calibration comes from ``calibration`` (a CalibrationSet, texts, or token id sequences) or, if None, from
         the config's calibration source tokenized with ``tokenizer``.
         """
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         adapter = get_adapter(model)
         calib = self._calibration(model, tokenizer, calibration)
         check_positions(self.config, model, max(len(s) for s in calib.sequences))
@@ -72,6 +72,7 @@ class AttentionPruner:
             model={**(getattr(model, SOURCE_ATTR, None) or {"source": None, "name": type(model).__name__}),
                    "model_type": model.config.model_type, "num_layers": len(adapter.layers)},
             calibration=calib.provenance(), layers=layers, seconds=time.perf_counter() - start,
+            cpu_seconds=time.process_time() - start_cpu,
             peak_rss_mb=peak_rss_mb())
         return model
 

@@ -86,6 +86,7 @@ def record(run: dict, result: dict, manifest: dict | None) -> dict:
         "attention_error": (result["attention_error"] or {"mean": 0.0})["mean"],
         "lm_eval": {task: values.get("acc") for task, values in result["tasks"].items()},
         "prune_seconds": report.get("seconds"),
+        "prune_cpu_seconds": report.get("cpu_seconds"),
         "peak_rss_mb": report.get("peak_rss_mb"),
         "measured_sparsity": (manifest or {}).get("sparsity", {}).get("pruned_weights"),
         "protocol": result["protocol"],
@@ -118,16 +119,17 @@ def run_all(runs: list[dict], quick: bool, work: Path) -> list[dict]:
 def markdown(records: list[dict]) -> str:
     dense = next((r for r in records if r["config"] == "dense"), None)
     lines = ["| config | method | sparsity | WikiText-2 ppl | C4 ppl | attention error | "
-             + " | ".join(f"{t} acc" for t in TASKS) + " | prune s | peak RSS MB |",
-             "|---|---|---|---|---|---|" + "---|" * len(TASKS) + "---|---|"]
+             + " | ".join(f"{t} acc" for t in TASKS) + " | prune s | prune CPU s | peak RSS MB |",
+             "|---|---|---|---|---|---|" + "---|" * len(TASKS) + "---|---|---|"]
     for r in records:
         accuracies = " | ".join(f"{r['lm_eval'].get(t, float('nan')):.3f}" for t in TASKS)
         seconds = f"{r['prune_seconds']:.0f}" if r["prune_seconds"] is not None else "–"
+        cpu = f"{r['prune_cpu_seconds']:.0f}" if r.get("prune_cpu_seconds") is not None else "–"
         rss = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "–"
         sparsity = r["structure"] if r["structure"] not in ("unstructured", "dense") else f"{r['sparsity']:g}"
         lines.append(f"| {r['config']} | {r['method']} | {sparsity} | "
                      f"{r['wikitext2_ppl']:.2f} | {r['c4_ppl']:.2f} | {r['attention_error']:.4f} | {accuracies} | "
-                     f"{seconds} | {rss} |")
+                     f"{seconds} | {cpu} | {rss} |")
     lines += ["", _ratios(records, dense)] if dense else []
     return "\n".join(lines)
 
@@ -135,7 +137,7 @@ def markdown(records: list[dict]) -> str:
 def _ratios(records: list[dict], dense: dict) -> str:
     """The issue's targets, as ratios measured in this run."""
     out = ["| config | attention error ÷ best baseline | ppl increase ÷ best baseline's (WikiText-2, C4) | "
-           "prune time ÷ SparseGPT's |", "|---|---|---|---|"]
+           "prune time ÷ SparseGPT's (wall, CPU) |", "|---|---|---|---|"]
     for config in dict.fromkeys(r["config"] for r in records if r["config"] not in ("dense", "whole50")):
         group = {r["method"]: r for r in records if r["config"] == config}
         ours = group.get("attention")
@@ -147,8 +149,7 @@ def _ratios(records: list[dict], dense: dict) -> str:
         for key in ("wikitext2_ppl", "c4_ppl"):
             best = min(b[key] for b in baselines) - dense[key]
             increases.append(f"{(ours[key] - dense[key]) / best:.2f}" if best > 0 else "–")
-        time_ratio = (f"{ours['prune_seconds'] / group['sparsegpt']['prune_seconds']:.1f}"
-                      if "sparsegpt" in group else "–")
+        time_ratio = _time_ratio(ours, group["sparsegpt"]) if "sparsegpt" in group else "–"
         out.append(f"| {config} | {ours['attention_error'] / best_err:.2f} | {', '.join(increases)} | {time_ratio} |")
     whole = {r["method"]: r for r in records if r["config"] == "whole50"}
     if "attention+sparsegpt" in whole and "sparsegpt" in whole:
@@ -156,8 +157,14 @@ def _ratios(records: list[dict], dense: dict) -> str:
         out.append(f"| whole50 | {ours['attention_error'] / sgpt['attention_error']:.2f} (vs SparseGPT) | "
                    f"WikiText-2 {ours['wikitext2_ppl']:.2f} vs {sgpt['wikitext2_ppl']:.2f}, "
                    f"C4 {ours['c4_ppl']:.2f} vs {sgpt['c4_ppl']:.2f} | "
-                   f"{ours['prune_seconds'] / sgpt['prune_seconds']:.1f} |")
+                   f"{_time_ratio(ours, sgpt)} |")
     return "\n".join(out)
+
+
+def _time_ratio(ours: dict, baseline: dict) -> str:
+    ratios = [ours[key] / baseline[key] for key in ("prune_seconds", "prune_cpu_seconds")
+              if ours.get(key) and baseline.get(key)]
+    return ", ".join(f"{r:.1f}" for r in ratios) or "–"
 
 
 def plot(records: list[dict], path: Path) -> None:
