@@ -75,7 +75,7 @@ def atomic_output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Pat
     path = check_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = None
-    with _terminations_raised():
+    with terminations_raised():
         try:
             with _signals_held():  # so that the folder is known to the cleanup below as soon as it exists
                 tmp = _make_temp(path)
@@ -165,7 +165,7 @@ def _exchange(first: Path, second: Path) -> bool:
 
 
 @contextmanager
-def _terminations_raised() -> Iterator[None]:
+def terminations_raised() -> Iterator[None]:
     """SIGTERM and SIGHUP raise :class:`Terminated` meanwhile (main thread, default handlers only)."""
     if threading.current_thread() is not threading.main_thread():
         yield

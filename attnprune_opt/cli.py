@@ -254,11 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The one error boundary: any failure is one line on stderr and exit status 2 (traceback with --debug)."""
+    from .atomic import terminations_raised
     from .errors import Terminated
 
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with terminations_raised():
+            return args.func(args)
     except KeyboardInterrupt as exc:
         if args.debug:
             raise
