@@ -132,6 +132,15 @@ class PrunerConfig(_Strict):
     seed: int = 0
     model: str | None = None
 
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, layers: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if layers is not None and not layers:
+            raise ValueError("must name at least one decoder layer (leave it out to prune every layer)")
+        if layers and min(layers) < 0:
+            raise ValueError(f"layer indices must be >= 0, got {list(layers)}")
+        return layers
+
     @model_validator(mode="after")
     def _each_module_once(self) -> PrunerConfig:
         if not self.rules:
@@ -161,7 +170,10 @@ class PrunerConfig(_Strict):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PrunerConfig:
-        path = Path(path)
+        """A recipe file, or a packaged recipe by name (``smollm2_qk50``)."""
+        from .recipes import recipe_path
+
+        path = recipe_path(path)
         try:
             data = yaml.safe_load(path.read_text())
         except OSError as exc:

@@ -47,7 +47,7 @@ class PruneReport:
                  f"peak RSS {self.peak_rss_mb:.0f} MB",
                  f"Calibration: {self.calibration.get('description', '?')}"]
         if self.calibration.get("self_generated"):
-            lines.append("NOTE: no calibration data set was found; the model's own generated text was used.")
+            lines.append("NOTE: calibrated on text the model generated itself (calibration.source: self-generated).")
         lines += ["", "| layer | attention error: pattern / final | "
                   + " | ".join(self._module_names()) + " | seconds |",
                   "|---|---|" + "---|" * len(self._module_names()) + "---|"]

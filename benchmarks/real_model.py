@@ -105,7 +105,7 @@ def run_all(runs: list[dict], quick: bool, work: Path) -> list[dict]:
             result, manifest = evaluate(dense, tokenizer, **options), None
         else:
             folder = prune(run, work)
-            manifest = read_manifest(folder)
+            manifest = read_manifest(folder).model_dump(mode="json")
             model = load_pruned_model(folder).eval()
             result = evaluate(model, tokenizer, dense_model=dense, **options)
             del model
