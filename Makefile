@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/attnprune-opt prune --recipe recipes/smollm2_qk50.yaml --output out/demo --overwrite
+	$(VENV)/bin/attnprune-opt prune --recipe smollm2_qk50 --output out/demo --overwrite
 
 test: install
 	$(PY) -m pytest

@@ -76,8 +76,12 @@ class PruneRule(_Strict):
 
 
 class AttentionSettings(_Strict):
-    """The method on q_proj/k_proj (method.md sections 4 and 7): how the binary pattern is chosen (``mask``), the
-    paper's descent (used when ``mask`` is ``descent``), and the refit of the kept weights to the attention loss."""
+    """The method on q_proj/k_proj (docs/method.md sections 4 and 7): how the binary pattern is chosen (``mask``), the
+    paper's descent (used when ``mask`` is ``descent``), and the refit of the kept weights to the attention loss.
+
+    The refit's steps are stochastic by default: each sees a share of the calibration sequences and of their query
+    rows (benchmarks/speed.py; docs/method.md section 7b). ``refit_row_fraction: 1`` with ``refit_sequence_fraction:
+    1`` and 50 iterations is the exact solver of version 0.1."""
 
     mask: Literal["descent", "wanda", "magnitude", "sparsegpt"] = "wanda"
     lam: float = Field(default=0.01, ge=0.0, allow_inf_nan=False)
@@ -87,8 +91,10 @@ class AttentionSettings(_Strict):
     line_search: bool = True
     group: Literal["row", "head", "matrix"] = "row"
     score: Literal["mask", "mask_weight"] = "mask_weight"
-    refit_iterations: int = Field(default=50, ge=0)
+    refit_iterations: int = Field(default=100, ge=0)
     refit_lr: float = Field(default=0.01, gt=0.0, allow_inf_nan=False)
+    refit_row_fraction: float = Field(default=0.125, gt=0.0, le=1.0, allow_inf_nan=False)
+    refit_sequence_fraction: float = Field(default=0.5, gt=0.0, le=1.0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _sparsegpt_groups(self) -> AttentionSettings:
@@ -126,6 +132,15 @@ class PrunerConfig(_Strict):
     seed: int = 0
     model: str | None = None
 
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, layers: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if layers is not None and not layers:
+            raise ValueError("must name at least one decoder layer (leave it out to prune every layer)")
+        if layers and min(layers) < 0:
+            raise ValueError(f"layer indices must be >= 0, got {list(layers)}")
+        return layers
+
     @model_validator(mode="after")
     def _each_module_once(self) -> PrunerConfig:
         if not self.rules:
@@ -155,7 +170,10 @@ class PrunerConfig(_Strict):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PrunerConfig:
-        path = Path(path)
+        """A recipe file, or a packaged recipe by name (``smollm2_qk50``)."""
+        from .recipes import recipe_path
+
+        path = recipe_path(path)
         try:
             data = yaml.safe_load(path.read_text())
         except OSError as exc:

@@ -31,3 +31,19 @@ class OutputExistsError(AttnPruneError, FileExistsError):
 
 class ArtifactError(AttnPruneError):
     """A saved model folder is corrupt, truncated, or disagrees with its manifest."""
+
+
+class OutputPathError(AttnPruneError):
+    """The output path cannot be used: it contains the current directory, is not a folder, or is not writable."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived; raised like Ctrl-C so that temporary outputs are removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
+class ModelSourceError(AttnPruneError):
+    """A model path cannot be used: it does not exist, is not a model folder, or holds no safetensors weights."""

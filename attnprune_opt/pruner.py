@@ -1,6 +1,6 @@
 """AttentionPruner: the public entry point, shaped like optimum's GPTQQuantizer.
 
-    pruner = AttentionPruner.from_recipe("recipes/smollm2_qk50.yaml")   # or AttentionPruner(**config)
+    pruner = AttentionPruner.from_recipe("smollm2_qk50")   # a packaged recipe or a file; or AttentionPruner(**config)
     model = pruner.prune_model(model, tokenizer)                          # in place, layer by layer
     pruner.save(model, "out/qk50")                                        # atomic; refuses to clobber
     model = load_pruned_model("out/qk50", device_map="auto")
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .config import PrunerConfig
 from .data import CalibrationSet, CalibrationSpec, load_calibration
-from .errors import CalibrationDataError
+from .errors import CalibrationDataError, ConfigError
 from .models.adapters import get_adapter
 from .models.loading import SOURCE_ATTR
 from .models.offload import evaluating
@@ -59,19 +59,20 @@ class AttentionPruner:
         Calibration comes from ``calibration`` (a CalibrationSet, texts, or token id sequences) or, if None, from
         the config's calibration source tokenized with ``tokenizer``.
         """
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         adapter = get_adapter(model)
         calib = self._calibration(model, tokenizer, calibration)
+        check_positions(self.config, model, max(len(s) for s in calib.sequences))
         check_config_fits(self.config, adapter, max(len(s) for s in calib.sequences))
         with evaluating(model), torch.no_grad():
             inputs = capture_layer_inputs(model, adapter.layers[0], calib.sequences)
             layers = prune_layers(adapter, inputs, self.config, progress=progress)
         self.tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         self.report = PruneReport(
-            model={"name": getattr(model, "name_or_path", None) or model.config.name_or_path,
-                   "source": getattr(model, SOURCE_ATTR, None),  # what load_model was given: the dense reference
+            model={**(getattr(model, SOURCE_ATTR, None) or {"source": None, "name": type(model).__name__}),
                    "model_type": model.config.model_type, "num_layers": len(adapter.layers)},
             calibration=calib.provenance(), layers=layers, seconds=time.perf_counter() - start,
+            cpu_seconds=time.process_time() - start_cpu,
             peak_rss_mb=peak_rss_mb())
         return model
 
@@ -84,10 +85,15 @@ class AttentionPruner:
                            tokenizer=tokenizer if tokenizer is not None else self.tokenizer,
                            overwrite=overwrite, format=format, max_shard_size=max_shard_size)
 
+    def calibration_spec(self) -> CalibrationSpec:
+        """The configured calibration source, as :func:`~attnprune_opt.data.load_calibration` takes it."""
+        settings = self.config.calibration
+        return CalibrationSpec(source=settings.source, num_samples=settings.num_samples, seq_len=settings.seq_len,
+                               seed=self.config.seed, sampling=settings.sampling, rows=settings.rows)
+
     def _calibration(self, model: nn.Module, tokenizer, calibration: Calibration | None) -> CalibrationSet:
         settings = self.config.calibration
-        spec = CalibrationSpec(source=settings.source, num_samples=settings.num_samples, seq_len=settings.seq_len,
-                               seed=self.config.seed, sampling=settings.sampling, rows=settings.rows)
+        spec = self.calibration_spec()
         if calibration is None:
             if tokenizer is None:
                 raise CalibrationDataError("no calibration data and no tokenizer to load the configured source")
@@ -107,6 +113,14 @@ class AttentionPruner:
             sequences = [torch.as_tensor(item, dtype=torch.long).reshape(-1)[: settings.seq_len] for item in items]
             description = f"{len(items)} token sequences given by the caller, truncated to {settings.seq_len}"
         return _checked(CalibrationSet(sequences=sequences, spec=spec, description=description))
+
+
+def check_positions(config: PrunerConfig, model: nn.Module, longest: int) -> None:
+    """Calibration sequences may not be longer than the positions the model was trained for."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and longest > positions:
+        raise ConfigError(f"calibration.seq_len {config.calibration.seq_len}: calibration sequences of {longest} "
+                          f"tokens exceed the model's max_position_embeddings {positions}; set seq_len <= {positions}")
 
 
 def _checked(calibration: CalibrationSet) -> CalibrationSet:

@@ -15,6 +15,7 @@ class PruneReport:
     calibration: dict[str, Any]
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # all threads of the process: on a shared machine, steadier than wall time
     peak_rss_mb: float = 0.0
 
     def module_sparsity(self) -> dict[str, dict[str, float]]:
@@ -27,39 +28,40 @@ class PruneReport:
         return {name: {"sparsity": z / n, "zeros": z, "numel": n} for name, (z, n) in totals.items()}
 
     def attention_errors(self) -> dict[str, float] | None:
-        """Mean relative attention error on calibration data: magnitude (reference), the chosen pattern, final."""
+        """Mean relative attention error on calibration data: the chosen pattern, and final."""
         found = [layer.attention for layer in self.layers if layer.attention is not None]
         if not found:
             return None
-        return {"magnitude": statistics.fmean(a.error_magnitude for a in found),
-                "mask": statistics.fmean(a.error_mask for a in found),
+        return {"mask": statistics.fmean(a.error_mask for a in found),
                 "final": statistics.fmean(a.error_final for a in found)}
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "calibration": self.calibration, "seconds": self.seconds,
+                "cpu_seconds": self.cpu_seconds,
                 "peak_rss_mb": self.peak_rss_mb, "module_sparsity": self.module_sparsity(),
                 "attention_error": self.attention_errors(), "layers": [asdict(layer) for layer in self.layers]}
 
     def to_markdown(self) -> str:
         lines = [f"Pruned {self.model.get('name', '?')} ({self.model.get('model_type', '?')}): "
-                 f"{len(self.layers)} layers in {self.seconds:.1f} s, peak RSS {self.peak_rss_mb:.0f} MB",
+                 f"{len(self.layers)} layers in {self.seconds:.1f} s ({self.cpu_seconds:.1f} CPU s), "
+                 f"peak RSS {self.peak_rss_mb:.0f} MB",
                  f"Calibration: {self.calibration.get('description', '?')}"]
         if self.calibration.get("self_generated"):
-            lines.append("NOTE: no calibration data set was found; the model's own generated text was used.")
-        lines += ["", "| layer | attention error: magnitude / pattern / final | "
+            lines.append("NOTE: calibrated on text the model generated itself (calibration.source: self-generated).")
+        lines += ["", "| layer | attention error: pattern / final | "
                   + " | ".join(self._module_names()) + " | seconds |",
                   "|---|---|" + "---|" * len(self._module_names()) + "---|"]
         for layer in self.layers:
             attn = layer.attention
-            error = (f"{attn.error_magnitude:.4f} / {attn.error_mask:.4f} / {attn.error_final:.4f}"
+            error = (f"{attn.error_mask:.4f} / {attn.error_final:.4f}"
                      if attn else "–")
             sparsities = " | ".join(f"{layer.modules[m].sparsity:.3f}" if m in layer.modules else "–"
                                     for m in self._module_names())
             lines.append(f"| {layer.index} | {error} | {sparsities} | {layer.seconds:.1f} |")
         errors = self.attention_errors()
         if errors:
-            lines += ["", f"Mean attention error on calibration data: magnitude {errors['magnitude']:.4f}, "
-                          f"pattern {errors['mask']:.4f}, final {errors['final']:.4f}"]
+            lines += ["", f"Mean attention error on calibration data: pattern {errors['mask']:.4f}, "
+                          f"final {errors['final']:.4f}"]
         return "\n".join(lines)
 
     def _module_names(self) -> list[str]:

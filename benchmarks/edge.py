@@ -29,7 +29,7 @@ from attnprune_opt.atomic import atomic_output_dir, check_output_dir
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "attnprune_opt.cli"]
-PRUNED = {"qk50": "smollm2_qk50.yaml", "whole50": "smollm2_whole50.yaml"}
+PRUNED = {"qk50": "smollm2_qk50", "whole50": "smollm2_whole50"}  # packaged recipes
 README_START, README_END = "<!-- edge:start -->", "<!-- edge:end -->"
 WINDOWS = 16  # WikiText-2 windows per perplexity: 13 runs must fit a shared 2-core machine
 
@@ -55,7 +55,7 @@ def prepare(model: str, work: Path) -> dict[str, Path]:
         subprocess.run([sys.executable, "-c", SAVE_DENSE, str(work / "dense")], check=True)
         return {"dense": work / "dense"}
     folders = {"dense": work / model, "bitmask": work / f"{model}_bitmask"}
-    subprocess.run([*CLI, "prune", "--recipe", str(REPO / "recipes" / PRUNED[model]), "--model", str(work / "dense"),
+    subprocess.run([*CLI, "prune", "--recipe", PRUNED[model], "--model", str(work / "dense"),
                     "--output", str(folders["dense"]), "--quiet"], check=True, stdout=subprocess.DEVNULL)
     subprocess.run([*CLI, "export", str(folders["dense"]), str(folders["bitmask"]), "--format", "bitmask"],
                    check=True, stdout=subprocess.DEVNULL)

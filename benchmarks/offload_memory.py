@@ -5,7 +5,7 @@ which would hide the saving), then pruned twice by the CLI in separate processes
 loaded normally, once with decoder layers 2-29 on "disk". Each process's wall time and peak RSS are measured, and
 the two outputs are checked tensor for tensor. Both save in 100 MB shards.
 
-Usage: python benchmarks/offload_memory.py --out DIR [--recipe recipes/smollm2_qk50.yaml] [--overwrite]
+Usage: python benchmarks/offload_memory.py --out DIR [--recipe smollm2_qk50] [--overwrite]
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from safetensors.torch import load_file
 
 from attnprune_opt.atomic import atomic_output_dir, check_output_dir
 
-REPO = Path(__file__).resolve().parent.parent
 IN_RAM_LAYERS = 2
 SHARD = "100MB"  # saving holds one shard in memory; with one 540 MB shard the save alone would set the peak
 
@@ -57,7 +56,7 @@ def run_measured(args: list[str]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "smollm2_qk50.yaml")
+    parser.add_argument("--recipe", default="smollm2_qk50", help="recipe file or packaged recipe name")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     check_output_dir(args.out, args.overwrite)
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         identical = ram.keys() == disk.keys() and all(torch.equal(ram[k], disk[k]) for k in ram)
     lines = ["| run | wall time (s) | peak RSS (MB) |", "|---|---|---|"]
     lines += [f"| {name} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} |" for name, r in results.items()]
-    lines.append(f"\nRecipe {args.recipe.name}; the two saved models are "
+    lines.append(f"\nRecipe {Path(args.recipe).stem}; the two saved models are "
                  f"{'bit-identical' if identical else 'DIFFERENT'}.")
     table = "\n".join(lines)
     with atomic_output_dir(args.out, args.overwrite) as tmp:

@@ -9,7 +9,8 @@ inputs) and lm-eval accuracy on a subset. ``--quick``: the README's quick protoc
 first 32 C4 documents) and 50 examples per task; the full run: all windows, 128 documents, 500 examples.
 
 Writes real_model.json (one record per configuration), real_model.md and real_model.png into --out.
-Usage: python benchmarks/real_model.py [--quick] --out DIR [--overwrite] [--only CONFIG ...] [--readme]
+Usage: python benchmarks/real_model.py [--quick] --out DIR [--overwrite] [--only CONFIG ...] [--methods METHOD ...]
+       [--tasks [TASK ...]] [--readme]
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def record(run: dict, result: dict, manifest: dict | None) -> dict:
         "attention_error": (result["attention_error"] or {"mean": 0.0})["mean"],
         "lm_eval": {task: values.get("acc") for task, values in result["tasks"].items()},
         "prune_seconds": report.get("seconds"),
+        "prune_cpu_seconds": report.get("cpu_seconds"),
         "peak_rss_mb": report.get("peak_rss_mb"),
         "measured_sparsity": (manifest or {}).get("sparsity", {}).get("pruned_weights"),
         "protocol": result["protocol"],
@@ -93,10 +95,10 @@ def record(run: dict, result: dict, manifest: dict | None) -> dict:
     }
 
 
-def run_all(runs: list[dict], quick: bool, work: Path) -> list[dict]:
+def run_all(runs: list[dict], quick: bool, work: Path, tasks: tuple[str, ...] = TASKS) -> list[dict]:
     tokenizer = load_tokenizer()
     dense = load_model().eval()
-    options = dict(quick=quick, tasks=TASKS, limit=50 if quick else 500, progress=False)
+    options = dict(quick=quick, tasks=tasks, limit=50 if quick else 500, progress=False)
     records = []
     for run in runs:
         start = time.perf_counter()
@@ -104,7 +106,7 @@ def run_all(runs: list[dict], quick: bool, work: Path) -> list[dict]:
             result, manifest = evaluate(dense, tokenizer, **options), None
         else:
             folder = prune(run, work)
-            manifest = read_manifest(folder)
+            manifest = read_manifest(folder).model_dump(mode="json")
             model = load_pruned_model(folder).eval()
             result = evaluate(model, tokenizer, dense_model=dense, **options)
             del model
@@ -117,17 +119,19 @@ def run_all(runs: list[dict], quick: bool, work: Path) -> list[dict]:
 
 def markdown(records: list[dict]) -> str:
     dense = next((r for r in records if r["config"] == "dense"), None)
+    tasks = list(dict.fromkeys(task for r in records for task in r["lm_eval"]))
     lines = ["| config | method | sparsity | WikiText-2 ppl | C4 ppl | attention error | "
-             + " | ".join(f"{t} acc" for t in TASKS) + " | prune s | peak RSS MB |",
-             "|---|---|---|---|---|---|" + "---|" * len(TASKS) + "---|---|"]
+             + "".join(f"{t} acc | " for t in tasks) + "prune s | prune CPU s | peak RSS MB |",
+             "|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|"]
     for r in records:
-        accuracies = " | ".join(f"{r['lm_eval'].get(t, float('nan')):.3f}" for t in TASKS)
+        accuracies = "".join(f"{r['lm_eval'].get(t, float('nan')):.3f} | " for t in tasks)
         seconds = f"{r['prune_seconds']:.0f}" if r["prune_seconds"] is not None else "–"
+        cpu = f"{r['prune_cpu_seconds']:.0f}" if r.get("prune_cpu_seconds") is not None else "–"
         rss = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "–"
         sparsity = r["structure"] if r["structure"] not in ("unstructured", "dense") else f"{r['sparsity']:g}"
         lines.append(f"| {r['config']} | {r['method']} | {sparsity} | "
-                     f"{r['wikitext2_ppl']:.2f} | {r['c4_ppl']:.2f} | {r['attention_error']:.4f} | {accuracies} | "
-                     f"{seconds} | {rss} |")
+                     f"{r['wikitext2_ppl']:.2f} | {r['c4_ppl']:.2f} | {r['attention_error']:.4f} | {accuracies}"
+                     f"{seconds} | {cpu} | {rss} |")
     lines += ["", _ratios(records, dense)] if dense else []
     return "\n".join(lines)
 
@@ -135,7 +139,7 @@ def markdown(records: list[dict]) -> str:
 def _ratios(records: list[dict], dense: dict) -> str:
     """The issue's targets, as ratios measured in this run."""
     out = ["| config | attention error ÷ best baseline | ppl increase ÷ best baseline's (WikiText-2, C4) | "
-           "prune time ÷ SparseGPT's |", "|---|---|---|---|"]
+           "prune time ÷ SparseGPT's (wall, CPU) |", "|---|---|---|---|"]
     for config in dict.fromkeys(r["config"] for r in records if r["config"] not in ("dense", "whole50")):
         group = {r["method"]: r for r in records if r["config"] == config}
         ours = group.get("attention")
@@ -147,8 +151,7 @@ def _ratios(records: list[dict], dense: dict) -> str:
         for key in ("wikitext2_ppl", "c4_ppl"):
             best = min(b[key] for b in baselines) - dense[key]
             increases.append(f"{(ours[key] - dense[key]) / best:.2f}" if best > 0 else "–")
-        time_ratio = (f"{ours['prune_seconds'] / group['sparsegpt']['prune_seconds']:.1f}"
-                      if "sparsegpt" in group else "–")
+        time_ratio = _time_ratio(ours, group["sparsegpt"]) if "sparsegpt" in group else "–"
         out.append(f"| {config} | {ours['attention_error'] / best_err:.2f} | {', '.join(increases)} | {time_ratio} |")
     whole = {r["method"]: r for r in records if r["config"] == "whole50"}
     if "attention+sparsegpt" in whole and "sparsegpt" in whole:
@@ -156,8 +159,14 @@ def _ratios(records: list[dict], dense: dict) -> str:
         out.append(f"| whole50 | {ours['attention_error'] / sgpt['attention_error']:.2f} (vs SparseGPT) | "
                    f"WikiText-2 {ours['wikitext2_ppl']:.2f} vs {sgpt['wikitext2_ppl']:.2f}, "
                    f"C4 {ours['c4_ppl']:.2f} vs {sgpt['c4_ppl']:.2f} | "
-                   f"{ours['prune_seconds'] / sgpt['prune_seconds']:.1f} |")
+                   f"{_time_ratio(ours, sgpt)} |")
     return "\n".join(out)
+
+
+def _time_ratio(ours: dict, baseline: dict) -> str:
+    ratios = [ours[key] / baseline[key] for key in ("prune_seconds", "prune_cpu_seconds")
+              if ours.get(key) and baseline.get(key)]
+    return ", ".join(f"{r:.1f}" for r in ratios) or "–"
 
 
 def plot(records: list[dict], path: Path) -> None:
@@ -194,13 +203,13 @@ def plot(records: list[dict], path: Path) -> None:
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def update_readme(records: list[dict], quick: bool) -> None:
-    """Regenerate README.md's results section from this run's records."""
+def update_readme(records: list[dict], arguments: list[str]) -> None:
+    """Regenerate README.md's results section from this run's records, naming the command that produced them."""
     readme = REPO / "README.md"
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         raise SystemExit(f"README.md lacks the {README_START} ... {README_END} markers")
-    body = (f"Generated by `python benchmarks/real_model.py{' --quick' if quick else ''} --readme` "
+    body = (f"Generated by `python benchmarks/real_model.py {' '.join(arguments)}` "
             f"(SmolLM2-135M, CPU).\n\n{markdown(records)}\n")
     head, rest = text.split(README_START, 1)
     tail = rest.split(README_END, 1)[1]
@@ -213,19 +222,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--only", nargs="+", help="run only these configs (e.g. dense qk50)")
+    parser.add_argument("--methods", nargs="+", help="run only these methods (dense always runs when selected)")
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS),
+                        help=f"lm-eval tasks (default: {' '.join(TASKS)}; none: --tasks with no name)")
     parser.add_argument("--readme", action="store_true", help="regenerate README.md's results section")
     args = parser.parse_args(argv)
     check_output_dir(args.out, args.overwrite)
-    runs = [r for r in configurations() if not args.only or r["config"] in args.only]
+    runs = [r for r in configurations() if (not args.only or r["config"] in args.only)
+            and (not args.methods or r["method"] in args.methods or r["config"] == "dense")]
     with tempfile.TemporaryDirectory(prefix="attnprune-bench-") as work:
-        records = run_all(runs, args.quick, Path(work))
+        records = run_all(runs, args.quick, Path(work), tuple(args.tasks))
     table = markdown(records)
     with atomic_output_dir(args.out, args.overwrite) as tmp:
         (tmp / "real_model.json").write_text(json.dumps(records, indent=1))
         (tmp / "real_model.md").write_text(f"# SmolLM2-135M: the method against linear pruning\n\n{table}\n")
         plot(records, tmp / "real_model.png")
     if args.readme:
-        update_readme(records, args.quick)
+        update_readme(records, sys.argv[1:] if argv is None else argv)
     print(table)
     return 0
 

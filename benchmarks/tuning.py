@@ -1,4 +1,4 @@
-"""Settling the method's open choices (method.md section 7) on development data only.
+"""Settling the method's open choices (docs/method.md section 7) on development data only.
 
 Per-layer study on SmolLM2-135M: for a few decoder layers, the attention inputs of the DENSE model are captured for
 the calibration set (C4 rows 0-7, 512 tokens: the standard protocol) and for a development set (C4 rows 1128-1135,
@@ -7,11 +7,13 @@ Each candidate setting prunes q_proj/k_proj of each layer at 50% with the produc
 scored by the relative attention error on the development inputs (held-out) and on the calibration inputs.
 Baselines (Wanda, SparseGPT, magnitude) are scored the same way.
 
-``--pipeline`` settles the choices that need the whole layer loop (which inputs feed the next layer): each candidate
-prunes all q/k at 50% and is scored by perplexity on WikiText-2 ``wiki.valid.raw`` (first 64 windows) and on C4
-development rows 1128-1159.
+``--pipeline`` settles the choices that need the whole layer loop (which inputs feed the next layer; how much
+calibration data the sampled refit can take at the same cost per step): each candidate prunes all q/k at 50% and
+is scored by perplexity on WikiText-2 ``wiki.valid.raw`` (first 64 windows) and on C4 development rows
+1128-1159.
 
-Usage: python benchmarks/tuning.py --out DIR [--layers 2 8 15 22 28] [--quick] [--pipeline] [--overwrite]
+Usage: python benchmarks/tuning.py --out DIR [--layers 2 8 15 22 28] [--quick] [--pipeline [--only NAME ...]]
+       [--overwrite]
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class LayerData:
     calibration: AttentionInputs
     development: AttentionInputs
     geometry: object
+    capture_seconds: float = 0.0  # the dense layer's forward over the calibration set, q_proj inputs recorded
 
 
 def capture(layers: list[int]) -> dict[int, LayerData]:
@@ -65,9 +68,12 @@ def capture(layers: list[int]) -> dict[int, LayerData]:
             inputs = capture_layer_inputs(model, adapter.layers[0], sequences)
             for index, layer in enumerate(adapter.layers[: max(layers) + 1]):
                 q_proj = adapter.linear(layer, "q_proj")
+                start = time.perf_counter()
                 with record_linear_inputs({"q_proj": q_proj}, keep=["q_proj"]) as recorded:
                     outputs = run_layer(layer, inputs)
                 if index in layers:
+                    if name == "calibration":
+                        found[index]["capture_seconds"] = time.perf_counter() - start
                     longest = max(inputs, key=lambda item: item.hidden.shape[1])
                     found[index][name] = AttentionInputs(recorded.tensors["q_proj"],
                                                          *adapter.rope_tables(longest.kwargs))
@@ -107,25 +113,28 @@ def baselines(data: LayerData) -> dict[str, dict[str, torch.Tensor]]:
 
 def candidates(quick: bool) -> dict[str, AttentionSettings]:
     """The settings tried; each name says what differs from the defaults of AttentionSettings."""
+    exact = dict(refit_row_fraction=1.0, refit_sequence_fraction=1.0)  # the refit of version 0.1: every row
     grid = {
         "descent (paper), score M|W|": dict(mask="descent", refit_iterations=0),
         "descent (paper), score M": dict(mask="descent", score="mask", refit_iterations=0),
         "descent lam=0.1, score M|W|": dict(mask="descent", lam=0.1, refit_iterations=0),
-        "descent + refit 50": dict(mask="descent", refit_iterations=50),
-        "magnitude + refit 50": dict(mask="magnitude", refit_iterations=50),
-        "sparsegpt + refit 50": dict(mask="sparsegpt", refit_iterations=50),
+        "descent + refit 50": dict(mask="descent", refit_iterations=50, **exact),
+        "magnitude + refit 50": dict(mask="magnitude", refit_iterations=50, **exact),
+        "sparsegpt + refit 50": dict(mask="sparsegpt", refit_iterations=50, **exact),
         "wanda + refit 0": dict(mask="wanda", refit_iterations=0),
-        "wanda + refit 20": dict(mask="wanda", refit_iterations=20),
-        "wanda + refit 50": dict(mask="wanda", refit_iterations=50),
-        "wanda + refit 100": dict(mask="wanda", refit_iterations=100),
-        "wanda + refit 50, lr 0.003": dict(mask="wanda", refit_iterations=50, refit_lr=0.003),
-        "wanda + refit 50, lr 0.03": dict(mask="wanda", refit_iterations=50, refit_lr=0.03),
-        "wanda (per head) + refit 50": dict(mask="wanda", group="head", refit_iterations=50),
-        "wanda (per matrix) + refit 50": dict(mask="wanda", group="matrix", refit_iterations=50),
+        "wanda + refit 20": dict(mask="wanda", refit_iterations=20, **exact),
+        "wanda + refit 50": dict(mask="wanda", refit_iterations=50, **exact),
+        "wanda + refit 100": dict(mask="wanda", refit_iterations=100, **exact),
+        "wanda + refit 50, lr 0.003": dict(mask="wanda", refit_iterations=50, refit_lr=0.003, **exact),
+        "wanda + refit 50, lr 0.03": dict(mask="wanda", refit_iterations=50, refit_lr=0.03, **exact),
+        "wanda (per head) + refit 50": dict(mask="wanda", group="head", refit_iterations=50, **exact),
+        "wanda (per matrix) + refit 50": dict(mask="wanda", group="matrix", refit_iterations=50, **exact),
+        "wanda + sampled refit 60 (rows 1/8)": dict(mask="wanda", refit_iterations=60, refit_sequence_fraction=1.0),
+        "wanda + sampled refit 100 (default)": {},
     }
     if quick:
         grid = {k: v for k, v in grid.items() if k in ("descent (paper), score M|W|", "wanda + refit 0",
-                                                       "wanda + refit 20", "wanda + refit 50")}
+                                                       "wanda + refit 50", "wanda + sampled refit 100 (default)")}
     return {name: AttentionSettings(**values) for name, values in grid.items()}
 
 
@@ -151,16 +160,23 @@ def run(layers: list[int], quick: bool) -> list[dict]:
     return records
 
 
-PIPELINE_CANDIDATES = {"propagate pruned": {"propagate": "pruned"}, "propagate dense": {"propagate": "dense"}}
+PIPELINE_CANDIDATES = {
+    "propagate-pruned": {"propagate": "pruned"},
+    "propagate-dense": {"propagate": "dense"},
+    # more calibration at the same refit cost per step: each step sees 4 sequences either way
+    "calibration-32": {"calibration": {"num_samples": 32},
+                       "attention": {"refit_sequence_fraction": 0.125}},
+}
 PIPELINE_C4_ROWS = (DEV_ROWS[0], DEV_ROWS[0] + 32)
 PIPELINE_WIKI_WINDOWS = 64
 
 
-def run_pipeline() -> list[dict]:
-    """Whole-model q/k 50% runs, scored by development perplexities."""
+def run_pipeline(only: list[str] | None = None) -> list[dict]:
+    """Whole-model q/k 50% runs, scored by development perplexities (``only``: these candidates, and dense)."""
     tokenizer = load_tokenizer()
     records = []
-    for name, overrides in {"dense model": None, **PIPELINE_CANDIDATES}.items():
+    chosen = {name: o for name, o in PIPELINE_CANDIDATES.items() if not only or name in only}
+    for name, overrides in {"dense model": None, **chosen}.items():
         model = load_model().eval()
         start = time.perf_counter()
         if overrides is not None:
@@ -213,12 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 15, 22, 28])
     parser.add_argument("--quick", action="store_true", help="four settings instead of the whole grid")
-    parser.add_argument("--pipeline", action="store_true", help="whole-model choices (propagation) instead")
+    parser.add_argument("--pipeline", action="store_true", help="whole-model choices (propagation, calibration "
+                                                                 "amount) instead")
+    parser.add_argument("--only", nargs="+", choices=sorted(PIPELINE_CANDIDATES),
+                        help="with --pipeline: run only these candidates")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     check_output_dir(args.out, args.overwrite)
     if args.pipeline:
-        records = run_pipeline()
+        records = run_pipeline(args.only)
         table = pipeline_markdown(records)
     else:
         records = run(args.layers, args.quick)

@@ -60,3 +60,13 @@ def all_threads(one_thread):
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny Llama with SmolLM2's tokenizer, saved as the model folder a user points --model at."""
+    from tiny_models import save_tiny_model_folder
+
+    folder = tmp_path_factory.mktemp("model")
+    save_tiny_model_folder(folder)
+    return folder

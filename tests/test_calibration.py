@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 from pathlib import Path
 
@@ -16,7 +15,13 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from attnprune_opt.data import CalibrationSpec, data_file_sha256, load_calibration
-from attnprune_opt.data.calibration import C4_FILE, WIKITEXT2_VALID_FILE
+from attnprune_opt.data.calibration import (
+    C4_FILE,
+    C4_SAMPLE_NAME,
+    SELF_GENERATED,
+    WIKITEXT2_VALID_FILE,
+    check_source,
+)
 from attnprune_opt.errors import CalibrationDataError
 from attnprune_opt.paths import DATA_DIR_ENV
 from conftest import FULL_DATA, MINI_DATA
@@ -82,8 +87,14 @@ def full_c4_texts() -> list[str]:
     return pq.read_table(FULL_DATA / C4_FILE, columns=["text"]).column("text").to_pylist()
 
 
+@pytest.fixture
+def full_data(monkeypatch):
+    """The full data folder for one protocol test (files are named relative to the data folder in use)."""
+    monkeypatch.setenv(DATA_DIR_ENV, str(FULL_DATA))
+
+
 @pytest.mark.needs_data
-def test_default_spec_is_the_readme_protocol(tok, full_c4_texts):
+def test_default_spec_is_the_readme_protocol(tok, full_c4_texts, full_data):
     full_c4 = FULL_DATA / C4_FILE
     cal = load_calibration(CalibrationSpec(), tok, data_dir=FULL_DATA)
     assert cal.indices == tuple(range(8)) and cal.index_kind == "row"
@@ -92,7 +103,7 @@ def test_default_spec_is_the_readme_protocol(tok, full_c4_texts):
     lengths = [len(s) for s in cal.sequences]
     assert max(lengths) == 512 and min(lengths) < 512  # short documents are kept at their own length
     assert cal.num_tokens == sum(lengths)
-    assert cal.files == (str(full_c4),) and cal.sha256 == (sha256sum(full_c4),)
+    assert cal.files == (C4_FILE,) and cal.sha256 == (sha256sum(full_c4),)  # named relative to the data folder
     assert not cal.self_generated
     assert cal.provenance()["lengths"] == lengths
 
@@ -103,7 +114,7 @@ def test_bos_tokenizer_starts_every_document_with_bos(c4_texts):
 
 
 @pytest.mark.needs_data
-def test_random_sampling_is_deterministic_and_seeded(tok, full_c4_texts):
+def test_random_sampling_is_deterministic_and_seeded(tok, full_c4_texts, full_data):
     spec = CalibrationSpec(num_samples=16, seq_len=32, sampling="random", seed=0)
     first, again = load_calibration(spec, tok, data_dir=FULL_DATA), load_calibration(spec, tok, data_dir=FULL_DATA)
     other = load_calibration(CalibrationSpec(num_samples=16, seq_len=32, sampling="random", seed=1), tok,
@@ -128,7 +139,7 @@ def test_wikitext2_is_the_validation_stream(tok):
     cal = load_calibration(CalibrationSpec("wikitext2", num_samples=4, seq_len=128), tok)
     assert cal.indices == (0, 1, 2, 3) and cal.index_kind == "window"
     assert [s.tolist() for s in cal.sequences] == [stream[i * 128 : (i + 1) * 128] for i in range(4)]
-    assert cal.files == (str(WIKI_VALID),) and cal.sha256 == (sha256sum(WIKI_VALID),)
+    assert cal.files == (WIKITEXT2_VALID_FILE,) and cal.sha256 == (sha256sum(WIKI_VALID),)
 
 
 def test_text_file_is_one_stream_cut_into_windows(tok, tmp_path):
@@ -138,7 +149,7 @@ def test_text_file_is_one_stream_cut_into_windows(tok, tmp_path):
     stream = ids(tok, text)
     first = load_calibration(CalibrationSpec(str(path), num_samples=5, seq_len=100), tok)
     assert [s.tolist() for s in first.sequences] == [stream[i * 100 : (i + 1) * 100] for i in range(5)]
-    assert first.files == (str(path),) and first.sha256 == (sha256sum(path),)
+    assert first.files == (path.name,) and first.sha256 == (sha256sum(path),)  # no absolute path
     sampled = [load_calibration(CalibrationSpec(str(path), 5, 100, seed=s, sampling="random"), tok) for s in (0, 0, 1)]
     assert sampled[0].indices == sampled[1].indices != sampled[2].indices
     assert all(torch.equal(a, b) for a, b in zip(sampled[0].sequences, sampled[1].sequences, strict=True))
@@ -224,24 +235,59 @@ def test_hub_source_offline_says_so(tok):
         load_calibration(CalibrationSpec("hf:allenai/c4:en:validation"), tok)
 
 
-@pytest.mark.parametrize("source", ["c4", "wikitext2"])
-def test_missing_default_data_falls_back_to_self_generated_text(tok, tmp_path, monkeypatch, caplog, source):
+@pytest.mark.parametrize("source,file", [("c4", C4_FILE), ("wikitext2", WIKITEXT2_VALID_FILE)])
+def test_missing_data_is_an_error_not_a_substitute(tok, tmp_path, monkeypatch, source, file):
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    spec = CalibrationSpec(source, num_samples=3, seq_len=8, sampling="random")
+    message = rf"calibration file not found: {file} in the data folder .*'self-generated'"
+    with pytest.raises(CalibrationDataError, match=message):
+        check_source(spec)
+    with pytest.raises(CalibrationDataError, match=message):
+        load_calibration(spec, tok, tiny_model())
+
+
+@pytest.mark.needs_data
+def test_c4_rows_in_the_packaged_sample_need_no_data_folder(tok, tmp_path, monkeypatch, full_data):
+    """The paper's 8 C4 documents ship with the package: the same sequences with or without the data folder."""
+    spec = CalibrationSpec("c4", num_samples=8, seq_len=512)
+    full = load_calibration(spec, tok)
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    check_source(spec)
+    sample = load_calibration(spec, tok)
+    assert sample.indices == full.indices == tuple(range(8))
+    assert all(torch.equal(a, b) for a, b in zip(sample.sequences, full.sequences, strict=True))
+    assert sample.files == (f"attnprune_opt/data/c4_sample/{C4_SAMPLE_NAME}",)
+    assert "C4 validation rows 0-7" in sample.description
+    with pytest.raises(CalibrationDataError, match="calibration file not found"):
+        load_calibration(CalibrationSpec("c4", num_samples=9, seq_len=8), tok)
+
+
+def test_self_generated_text_only_when_named(tok):
     model = tiny_model()
-    spec = CalibrationSpec(source, num_samples=3, seq_len=8, seed=5)
-    with caplog.at_level(logging.WARNING, logger="attnprune_opt.data.calibration"):
-        cal = load_calibration(spec, tok, model)
-    assert "not found" in caplog.text and "generates itself" in caplog.text
+    spec = CalibrationSpec(SELF_GENERATED, num_samples=3, seq_len=8, seed=5)
+    cal = load_calibration(spec, tok, model)
     assert cal.self_generated and "self-generated" in cal.description and cal.files == ()
     assert [len(s) for s in cal.sequences] == [8, 8, 8]
     assert all(s[0] == tok.bos_token_id for s in cal.sequences)
     again = load_calibration(spec, tok, model)
     assert all(torch.equal(a, b) for a, b in zip(cal.sequences, again.sequences, strict=True))
-    other = load_calibration(CalibrationSpec(source, num_samples=3, seq_len=8, seed=6), tok, model)
+    other = load_calibration(CalibrationSpec(SELF_GENERATED, num_samples=3, seq_len=8, seed=6), tok, model)
     assert not all(torch.equal(a, b) for a, b in zip(cal.sequences, other.sequences, strict=True))
     assert len({tuple(s.tolist()) for s in cal.sequences}) == 3  # sampled, not greedy: the samples differ
-    with pytest.raises(CalibrationDataError, match="not found.*no model was given"):
+    with pytest.raises(CalibrationDataError, match="'self-generated' needs the model"):
         load_calibration(spec, tok)
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("latin1.txt", "caf\u00e9 ".encode("latin-1") * 50, r"latin1.txt is not UTF-8 text: byte 0xe9 at offset 3"),
+    ("latin1.jsonl", b'{"text": "caf\xe9"}\n', r"latin1.jsonl is not UTF-8 text: byte 0xe9 at offset 13"),
+    ("fake.parquet", b"text,url\nhello,x\n", r"fake.parquet is not a readable parquet file: "),
+])
+def test_undecodable_files_are_named_before_loading_a_model(name, content, message, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CalibrationDataError, match=message):
+        check_source(CalibrationSpec(str(path)))
 
 
 def test_data_file_sha256_matches_sha256sum(tmp_path):

@@ -7,8 +7,6 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from attnprune_opt.cli import main
-from attnprune_opt.models.loading import load_tokenizer
-from tiny_models import tiny_model
 
 RECIPE = {"rules": [{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5}],
           "attention": {"iterations": 5}, "calibration": {"source": "c4", "num_samples": 2, "seq_len": 32}}
@@ -18,16 +16,6 @@ RECIPE = {"rules": [{"modules": ["q_proj", "k_proj"], "method": "attention", "sp
 def _mini(mini_data):
     """Calibration on "c4" reads the mini data folder's first rows."""
     return mini_data
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny Llama with SmolLM2's tokenizer, saved like any model folder."""
-    folder = tmp_path_factory.mktemp("model")
-    tokenizer = load_tokenizer()
-    tiny_model("llama", vocab_size_override=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture

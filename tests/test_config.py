@@ -1,8 +1,6 @@
 """Recipe validation: shipped recipes are valid, errors name the key path, and fuzzed input only ever raises
 the project's RecipeError."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 from hypothesis import given, settings
@@ -10,8 +8,9 @@ from hypothesis import strategies as st
 
 from attnprune_opt.config import PrunerConfig
 from attnprune_opt.errors import RecipeError
+from attnprune_opt.recipes import RECIPES_DIR
 
-RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
 
 
 def test_recipes_ship_and_validate():
@@ -59,8 +58,9 @@ def test_yaml_errors(tmp_path):
     unsafe.write_text("seed: !!python/object/apply:os.system ['true']\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         PrunerConfig.from_yaml(unsafe)
-    with pytest.raises(RecipeError, match="cannot read recipe"):
+    with pytest.raises(RecipeError, match=r"missing.yaml not found: neither a file nor a packaged recipe \(llama32"):
         PrunerConfig.from_yaml(tmp_path / "missing.yaml")
+    assert PrunerConfig.from_yaml("smollm2_qk70") == PrunerConfig.from_yaml(RECIPES_DIR / "smollm2_qk70.yaml")
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("42\n")
     with pytest.raises(RecipeError, match="must be a mapping"):

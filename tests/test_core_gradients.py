@@ -123,3 +123,50 @@ def test_objective_rejects_bad_shapes(gen):
         FactoredAttentionObjective(x, torch.randn(12, 6, dtype=F64), torch.randn(8, 6, dtype=F64), head_dim=4)
     with pytest.raises(ValueError, match="no calibration"):
         FusedAttentionObjective([], torch.randn(6, 6, dtype=F64))
+
+
+def sampled_problem(gen, causal=True):
+    head_dim, d = 4, 10
+    xs = [torch.randn(2, 9, d, dtype=F64, generator=gen), torch.randn(1, 6, d, dtype=F64, generator=gen)]
+    wq = torch.randn(4 * head_dim, d, dtype=F64, generator=gen) * 0.5
+    wk = torch.randn(2 * head_dim, d, dtype=F64, generator=gen) * 0.5
+    cos, sin = rope_tables(9, head_dim)
+    common = dict(head_dim=head_dim, cos=cos, sin=sin, causal=causal)
+    return FactoredAttentionObjective(xs, wq, wk, **common), common
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_sampled_rows_value_and_gradient_match_autograd(causal, gen):
+    """A sampled step computes exactly the chosen attention rows' loss (weighted n/m, times the sequence share)."""
+    objective, common = sampled_problem(gen, causal)
+    sample = objective.sample(0.4, 0.7, torch.Generator().manual_seed(3))
+    wq = (objective.q_weight + 0.1).requires_grad_()
+    wk = (objective.k_weight - 0.1).requires_grad_()
+    value, gq, gk = objective.weight_loss_and_grad(wq.detach(), wk.detach(), sample)
+
+    loss = 0.0
+    for part in sample.parts:
+        x = objective.batches[part.batch][part.sequences]
+        probs = multihead_attention_probs(x, wq, wk, **common)[:, :, part.rows]
+        target = multihead_attention_probs(x, objective.q_weight, objective.k_weight, **common)[:, :, part.rows]
+        loss = loss + part.weight * 0.5 * (probs - target).pow(2).sum()
+    loss = loss * objective.weights.data
+    loss.backward()
+    assert len(sample.parts) >= 1 and all(len(p.rows) < objective.batches[p.batch].shape[1] for p in sample.parts)
+    assert abs(value - loss.item()) <= TOL * abs(loss.item())
+    assert rel(gq, wq.grad) < TOL and rel(gk, wk.grad) < TOL
+
+
+def test_sampled_gradient_is_an_unbiased_estimate(gen):
+    objective, _ = sampled_problem(gen)
+    wq, wk = objective.q_weight * 0.8, objective.k_weight * 1.2
+    full_value, full_q, full_k = objective.weight_loss_and_grad(wq, wk)
+    generator = torch.Generator().manual_seed(0)
+    draws = [objective.weight_loss_and_grad(wq, wk, objective.sample(0.3, 0.5, generator)) for _ in range(1000)]
+    mean_q = torch.stack([d[1] for d in draws]).mean(0)
+    mean_k = torch.stack([d[2] for d in draws]).mean(0)
+    # with all rows and all sequences a sample is the exact computation
+    whole = objective.weight_loss_and_grad(wq, wk, objective.sample(1.0, 1.0, generator))
+    assert abs(whole[0] - full_value) <= 1e-12 * full_value and rel(whole[1], full_q) < 1e-12
+    assert abs(sum(d[0] for d in draws) / len(draws) - full_value) < 0.05 * full_value
+    assert rel(mean_q, full_q) < 0.1 and rel(mean_k, full_k) < 0.1

@@ -1,10 +1,20 @@
-"""The descent of Algorithm 1: convergence, determinism, and quality against the exact optimum on tiny cases."""
+"""The descent of Algorithm 1 and the refit's Adam: convergence, determinism, exact zeros, and quality against the
+exact optimum on tiny cases."""
 
 import pytest
 import torch
 
-from attnprune_opt.core import FactoredAttentionObjective, FusedAttentionObjective, SolverConfig, binarize, solve
+from attnprune_opt.core import (
+    FactoredAttentionObjective,
+    FusedAttentionObjective,
+    SolverConfig,
+    binarize,
+    solve,
+    topk_mask,
+)
 from attnprune_opt.core.exhaustive import all_masks, fused_mask_errors
+from attnprune_opt.core.objective import KeptWeightsObjective
+from attnprune_opt.core.solver import AdamConfig, adam
 
 F64 = torch.float64
 
@@ -75,3 +85,49 @@ def test_binarised_descent_is_near_the_exact_optimum_on_tiny_instances():
     assert ratios.max() <= 3.0
     assert int((ratios < 1 + 1e-9).sum()) >= 2
     assert ratios.mean() < torch.tensor(magnitude_ratios).mean()
+
+
+def refit_problem(seed: int = 0):
+    """Kept-weight refit of a half-pruned q/k pair on a small causal problem with grouped heads."""
+    objective = factored_problem(seed)
+    objective.lam = 0.0
+    keep = {"q": topk_mask(objective.q_weight.abs(), 0.5, "row"), "k": topk_mask(objective.k_weight.abs(), 0.5, "row")}
+    start = {"q": objective.q_weight, "k": objective.k_weight}
+    return KeptWeightsObjective(objective, keep, start), keep
+
+
+@pytest.mark.parametrize("fractions", [(1.0, 1.0), (0.25, 1.0), (0.25, 0.5)])
+def test_adam_refit_lowers_the_loss_and_keeps_pruned_entries_zero(fractions):
+    kept, keep = refit_problem()
+    config = AdamConfig(iterations=60, lr=0.02, row_fraction=fractions[0], sequence_fraction=fractions[1])
+    result = adam(kept, config)
+    q, k = kept.effective(result.masks)
+    assert kept.loss(result.masks) < 0.5 * kept.loss(kept.initial_params())
+    assert torch.equal(q[~keep["q"]], torch.zeros_like(q[~keep["q"]]))
+    assert torch.equal(k[~keep["k"]], torch.zeros_like(k[~keep["k"]]))
+
+
+def test_sampled_adam_is_deterministic_for_a_seed_and_changes_with_it():
+    kept, _ = refit_problem()
+    runs = [adam(kept, AdamConfig(iterations=10, lr=0.02, row_fraction=0.25, seed=seed)).masks for seed in (0, 0, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0], runs[2]))
+
+
+def test_adam_callback_sees_every_iterate_without_changing_the_run():
+    kept, _ = refit_problem()
+    seen = []
+    config = AdamConfig(iterations=6, lr=0.02, row_fraction=0.5)
+    watched = adam(kept, config, callback=lambda step, params: seen.append((step, [p.clone() for p in params])))
+    plain = adam(kept, config)
+    assert [s for s, _ in seen] == list(range(7))
+    assert torch.equal(seen[0][1][0], kept.initial_params()[0])
+    assert all(torch.equal(a, b) for a, b in zip(seen[-1][1], watched.masks))
+    assert all(torch.equal(a, b) for a, b in zip(plain.masks, watched.masks))
+
+
+@pytest.mark.parametrize("bad", [dict(row_fraction=0.0), dict(sequence_fraction=1.5), dict(iterations=-1),
+                                 dict(lr=0.0)])
+def test_adam_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        AdamConfig(**bad)

@@ -19,7 +19,7 @@ from attnprune_opt.data.calibration import C4_FILE
 from attnprune_opt.errors import ConfigError, OutputExistsError
 from attnprune_opt.evaluation import report
 from attnprune_opt.evaluation.attention_error import attention_error
-from attnprune_opt.evaluation.runner import evaluate
+from attnprune_opt.evaluation.runner import check_request, evaluate
 from attnprune_opt.models.loading import SOURCE_ATTR, load_model
 from conftest import MINI_DATA
 
@@ -156,9 +156,12 @@ def test_runner_combines_everything_with_its_protocol(quick_result):
     json.dumps(result)
 
 
-def test_runner_refuses_unknown_names_before_any_work(dense, tok):
-    with pytest.raises(ConfigError, match="unknown task 'arc_medium'"):
+def test_runner_refuses_unknown_names_before_any_work(dense, tok, monkeypatch):
+    with pytest.raises(ConfigError, match="task 'arc_medium' has no local copy and the hub is offline"):
         evaluate(dense, tok, tasks=["arc_medium"], progress=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    check_request([], ["arc_medium"])  # with network, lm-eval is asked for it
     with pytest.raises(ConfigError, match="unknown perplexity data set 'ptb'"):
         evaluate(dense, tok, perplexity=["ptb"], progress=False)
 
@@ -196,8 +199,11 @@ def pruned_folder(tmp_path_factory, dense, tok):
     root = tmp_path_factory.mktemp("cli")
     dense.save_pretrained(root / "dense")
     tok.save_pretrained(root / "dense")
-    model = load_model(str(root / "dense"))
-    assert getattr(model, SOURCE_ATTR) == str((root / "dense").resolve())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)  # a local model is recorded relative to the current directory, never by absolute path
+        model = load_model("dense")
+    assert getattr(model, SOURCE_ATTR)["source"] == "dense"
+    assert getattr(model, SOURCE_ATTR)["sha256"].keys() == {"config.json", "model.safetensors"}
     pruner = AttentionPruner(rules=[{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5}],
                              attention={"iterations": 5})
     pruner.prune_model(model, calibration=calibration(), progress=False)
@@ -205,13 +211,17 @@ def pruned_folder(tmp_path_factory, dense, tok):
     return root
 
 
-def test_cli_eval_pruned_folder_uses_the_manifest_source(pruned_folder, capsys):
+def test_cli_eval_pruned_folder_uses_the_manifest_source(pruned_folder, capsys, monkeypatch):
     manifest = json.loads((pruned_folder / "pruned" / "attnprune_manifest.json").read_text())
-    assert manifest["model"]["source"] == str((pruned_folder / "dense").resolve())
+    assert manifest["model"]["source"] == "dense"
+    assert main(["eval", str(pruned_folder / "pruned"), "--no-perplexity", "--quiet"]) == 0
+    assert "names the dense model it was pruned from as 'dense', which is not found from here" in \
+        capsys.readouterr().err
+    monkeypatch.chdir(pruned_folder)
     out = pruned_folder / "report"
-    assert main(["eval", str(pruned_folder / "pruned"), "--no-perplexity", "--quiet", "--output", str(out)]) == 0
+    assert main(["eval", "pruned", "--no-perplexity", "--quiet", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
-    row = next(line for line in printed.splitlines() if line.startswith(f"| {pruned_folder / 'pruned'} |"))
+    row = next(line for line in printed.splitlines() if line.startswith("| pruned |"))
     saved = json.loads((out / report.RESULTS_JSON).read_text())[0]
     assert f"{saved['attention_error']['mean']:.5f}" in row and "| 0.500 |" in row
     assert saved["model"]["source"] == manifest["model"]["source"] and saved["perplexity"] == {}
@@ -224,7 +234,7 @@ def test_cli_eval_plain_folder_and_one_line_errors(pruned_folder, tmp_path, caps
     assert "c4 ppl" in printed and "attention error" in printed  # no dense reference: the column says "–"
 
     for argv, message in (
-        (["eval", str(tmp_path / "nowhere")], "error: model folder not found"),
+        (["eval", str(tmp_path / "nowhere")], "error: model path not found"),
         (["eval", str(pruned_folder / "dense"), "--perplexity", "ptb"], "error: unknown perplexity data set"),
         (["eval", str(pruned_folder / "dense"), "--windows", "0"], "error: windows must be >= 1, got 0"),
         (["eval", str(pruned_folder / "dense"), "--output", str(pruned_folder / "dense")], "already exists"),
@@ -239,7 +249,7 @@ def test_smollm2_error_is_confined_to_the_pruned_layer(all_threads):
     from attnprune_opt.models.loading import DEFAULT_MODEL, load_tokenizer
 
     model = load_model()
-    assert getattr(model, SOURCE_ATTR) == DEFAULT_MODEL
+    assert getattr(model, SOURCE_ATTR)["source"] == DEFAULT_MODEL
     result = attention_error(model, magnitude_pruned(model, layers=[3]), load_tokenizer(), rows=(1000, 1002),
                              seq_len=32, progress=False)
     assert len(result["per_head"]) == 30 and {len(heads) for heads in result["per_head"]} == {9}

@@ -17,9 +17,12 @@ from attnprune_opt import AttentionPruner, load_pruned_model
 from attnprune_opt.cli import main
 from attnprune_opt.config import PrunerConfig
 from attnprune_opt.errors import ArtifactError, ConfigError, OutputExistsError
-from attnprune_opt.export.save import MANIFEST_NAME, export_pruned, read_manifest, save_pruned
+from attnprune_opt.export.convert import export_pruned
+from attnprune_opt.export.manifest import MANIFEST_NAME, SparsitySummary, read_manifest
+from attnprune_opt.export.save import save_pruned
 from attnprune_opt.export.sharded import INDEX_NAME, WEIGHTS_NAME
-from tiny_models import WHOLE_MODEL, calibration, tiny_model
+from attnprune_opt.export.verify import verify_pruned_folder
+from tiny_models import WHOLE_MODEL, pruned_tiny_model
 
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -95,7 +98,7 @@ def test_bitmask_save_and_load_are_bit_exact(dtype, structure, tmp_path):
         assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
         assert torch.equal(logits(loaded), logits(model))
 
-    dense, compressed = (read_manifest(tmp_path / f) for f in ("dense", "bitmask"))
+    dense, compressed = (read_manifest(tmp_path / f).model_dump() for f in ("dense", "bitmask"))
     assert compressed["format"] == "bitmask" and dense["format"] == "dense"
     assert compressed["sparsity"] == {**dense["sparsity"], "modules": {
         name: {**entry, "file": compressed["sparsity"]["modules"][name]["file"]}
@@ -106,8 +109,8 @@ def test_bitmask_save_and_load_are_bit_exact(dtype, structure, tmp_path):
         assert manifest["sizes"]["dense_bytes"] == sum(t.nbytes for t in files_of(tmp_path / "dense").values())
         assert manifest["sizes"]["bitmask_bytes"] == sum(t.nbytes for t in stored.values())
     written = (tmp_path / "bitmask").glob("*.safetensors")
-    assert compressed["size_on_disk_bytes"] == sum(f.stat().st_size for f in written)
-    assert compressed["size_on_disk_bytes"] < 0.75 * dense["size_on_disk_bytes"]
+    assert compressed["sizes"]["weight_files_bytes"] == sum(f.stat().st_size for f in written)
+    assert compressed["sizes"]["weight_files_bytes"] < 0.75 * dense["sizes"]["weight_files_bytes"]
 
 
 def test_a_rule_that_does_not_hold_leaves_no_output(tmp_path):
@@ -124,9 +127,7 @@ def test_a_rule_that_does_not_hold_leaves_no_output(tmp_path):
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
     """Pruned whole-model at 50%, saved dense, and bitmask in several shards."""
-    model = tiny_model("llama")
-    pruner = AttentionPruner(**{**WHOLE_MODEL, "attention": {"iterations": 5, "refit_iterations": 3}})
-    pruner.prune_model(model, calibration=calibration(), progress=False)
+    model, pruner = pruned_tiny_model({**WHOLE_MODEL, "attention": {"iterations": 5, "refit_iterations": 3}})
     root = tmp_path_factory.mktemp("pruned")
     pruner.save(model, root / "dense")
     pruner.save(model, root / "bitmask", format="bitmask", max_shard_size=60_000)
@@ -160,8 +161,8 @@ def test_pruned_llama_loads_with_the_same_logits(pruned):
             for name, tensor in model.state_dict().items():
                 assert torch.equal(loaded.state_dict()[name], tensor), (folder, name)
     manifest = read_manifest(root / "bitmask")
-    assert len(manifest["sparsity"]["modules"]) == 2 * len(ALL_LINEARS)
-    assert all(m["sparsity"] == 0.5 for m in manifest["sparsity"]["modules"].values())
+    assert len(manifest.sparsity.modules) == 2 * len(ALL_LINEARS)
+    assert all(m.sparsity == 0.5 for m in manifest.sparsity.modules.values())
 
 
 def test_plain_transformers_refuses_a_compressed_folder(plain_transformers):
@@ -209,10 +210,10 @@ def test_export_converts_both_ways_and_keeps_the_rest(pruned, tmp_path):
     assert (tmp_path / "bitmask" / "recipe.yaml").read_text() == (root / "bitmask" / "recipe.yaml").read_text()
     for name in ("dense", "bitmask"):
         manifest, source = read_manifest(tmp_path / name), read_manifest(root / name)
-        assert manifest["format"] == name and manifest["exported_from"]["format"] != name
-        same = ("format", "dense_bytes", "bitmask_bytes", "bitmask_layout")
-        assert {k: manifest["sizes"][k] for k in same} == {k: source["sizes"][k] for k in same}
-        assert manifest["report"] == source["report"] and manifest["calibration"] == source["calibration"]
+        assert manifest.format == name and manifest.exported_from["format"] != name
+        assert manifest.sizes.model_dump(exclude={"weight_files_bytes"}) == \
+            source.sizes.model_dump(exclude={"weight_files_bytes"})
+        assert manifest.report == source.report and manifest.calibration == source.calibration
     assert torch.equal(logits(load_pruned_model(tmp_path / "bitmask", attn_implementation="eager")), logits(model))
 
 
@@ -229,7 +230,7 @@ def test_export_command(pruned, tmp_path, capsys):
     assert err.count("\n") == 0 and "already exists" in err and "--overwrite" in err
     assert sorted(p.name for p in out.iterdir()) == before
     assert main(["export", str(root / "bitmask"), str(out), "--format", "dense", "--overwrite"]) == 0
-    assert read_manifest(out)["format"] == "dense" and not (out / INDEX_NAME).exists()
+    assert read_manifest(out).format == "dense" and not (out / INDEX_NAME).exists()
     assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "x"), "--format", "dense"]) == 2
     assert "has no attnprune_manifest.json" in capsys.readouterr().err
 
@@ -280,15 +281,19 @@ def test_truncated_shard_is_named(damaged):
 
 
 def test_manifest_that_disagrees_with_the_weights_is_named(damaged):
-    manifest = json.loads((damaged / MANIFEST_NAME).read_text())
+    """A consistent, re-sealed manifest whose count is not the files': only counting the weights can notice."""
+    manifest = read_manifest(damaged)
     name = "model.layers.1.self_attn.k_proj.weight"
-    entry = manifest["sparsity"]["modules"][name]
-    entry["zeros"] -= 1
-    (damaged / MANIFEST_NAME).write_text(json.dumps(manifest))
-    message = rf"{name}: {entry['zeros'] + 1} zeros of {entry['numel']} .*manifest says {entry['zeros']} of"
+    entry = manifest.sparsity.modules[name]
+    fake = entry.model_copy(update={"zeros": entry.zeros - 1, "sparsity": (entry.zeros - 1) / entry.numel})
+    summary = SparsitySummary.of({**manifest.sparsity.modules, name: fake})
+    manifest.model_copy(update={"sparsity": summary}).write(damaged)
+    message = rf"{name}: {entry.zeros} zeros of {entry.numel} .*manifest says {fake.zeros} of"
     with pytest.raises(ArtifactError, match=message):
         load_pruned_model(damaged)
-    with pytest.raises(ArtifactError, match=rf"{name}: {entry['zeros'] + 1} zeros .*manifest says {entry['zeros']}"):
+    with pytest.raises(ArtifactError, match=message):
+        verify_pruned_folder(damaged, weights=True)
+    with pytest.raises(ArtifactError, match=message):
         export_pruned(damaged, damaged.parent / "out", "dense")
     assert not (damaged.parent / "out").exists()
 
@@ -303,10 +308,12 @@ def test_edited_weights_are_named(damaged):
     else:
         def edit(tensors):
             tensors[name.replace(".weight", ".compressed")][0] = 0
-    rewrite(shard_holding(damaged, name.replace(".weight", ".compressed") if damaged.name == "bitmask" else name),
-            edit)
-    with pytest.raises(ArtifactError, match=rf"disagree with {MANIFEST_NAME}: {name}: (\d+) zeros .*manifest says"):
+    shard = shard_holding(damaged, name.replace(".weight", ".compressed") if damaged.name == "bitmask" else name)
+    rewrite(shard, edit)
+    with pytest.raises(ArtifactError, match=rf"{shard.name}: SHA-256 .* differs from the {MANIFEST_NAME} record"):
         load_pruned_model(damaged)
+    with pytest.raises(ArtifactError, match=rf"disagree with {MANIFEST_NAME}: {name}: (\d+) zeros .*manifest says"):
+        load_pruned_model(damaged, verify_files=False)
 
 
 def test_inconsistent_compressed_tensors_are_named(pruned, tmp_path):
@@ -319,18 +326,19 @@ def test_inconsistent_compressed_tensors_are_named(pruned, tmp_path):
     rewrite(shard_holding(folder, key), edit)
     message = r"do not decompress: model.layers.1.self_attn.q_proj.compressed: expected \d+ values"
     with pytest.raises(ArtifactError, match=message):
-        load_pruned_model(folder)
+        load_pruned_model(folder, verify_files=False)  # past the SHA-256 check, which would stop it first
 
 
 def test_manifest_format_must_match_the_folder(pruned, tmp_path):
     folder = tmp_path / "bitmask"
     shutil.copytree(pruned[2] / "bitmask", folder)
-    manifest = json.loads((folder / MANIFEST_NAME).read_text())
-    (folder / MANIFEST_NAME).write_text(json.dumps({**manifest, "format": "dense"}))
+    manifest = read_manifest(folder)
+    manifest.model_copy(update={"format": "dense", "sizes": manifest.sizes.model_copy(update={"format": "dense"})}
+                        ).write(folder)
     with pytest.raises(ArtifactError, match="says format 'dense' but config.json has"):
         load_pruned_model(folder)
     (folder / MANIFEST_NAME).write_text("{not json")
-    with pytest.raises(ArtifactError, match="is not valid JSON"):
+    with pytest.raises(ArtifactError, match="attnprune_manifest.json: unreadable"):
         load_pruned_model(folder)
 
 
@@ -355,5 +363,5 @@ def test_smollm2_bitmask_folder_gives_the_dense_folders_logits(tmp_path, all_thr
         compressed = AutoModelForCausalLM.from_pretrained(tmp_path / "bitmask", attn_implementation="eager")
         assert torch.equal(compressed(ids).logits, dense)
         assert torch.equal(load_pruned_model(tmp_path / "bitmask", attn_implementation="eager")(ids).logits, dense)
-    sizes = read_manifest(tmp_path / "bitmask")["sizes"]
-    assert sizes["bitmask_bytes"] < sizes["dense_bytes"] == read_manifest(tmp_path / "dense")["sizes"]["dense_bytes"]
+    sizes = read_manifest(tmp_path / "bitmask").sizes
+    assert sizes.bitmask_bytes < sizes.dense_bytes == read_manifest(tmp_path / "dense").sizes.dense_bytes

@@ -73,5 +73,5 @@ def test_model_attnprune_refuses_a_tampered_folder(bitmask_folder, mini_data, tm
     assert main(["lm-eval", "run", "--model", "attnprune", "--model_args", f"pretrained={tampered}", "--tasks",
                  "local_arc_easy", "--limit", "2", "--output_path", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"error: {tampered}: ")  # one line naming the folder (and the weight at fault)
+    assert err.startswith(f"error: {weights}: ")  # one line naming the file at fault
     assert not (tmp_path / "out").exists()

@@ -166,8 +166,29 @@ def test_resolve_tasks(tmp_path):
     (tmp_path / "piqa").mkdir()
     (tmp_path / "piqa" / "validation.arrow").symlink_to(local_data_file("piqa", MINI_DATA))
     assert resolve_tasks(["arc_easy", "piqa"], tmp_path) == ["arc_easy", "local_piqa"]
-    with pytest.raises(ValueError, match=r"'arc_medium'.*arc_easy.*lambada_openai"):
-        resolve_tasks(["arc_easy", "arc_medium"])
+    assert resolve_tasks(["mmlu_anatomy", "piqa"], tmp_path) == ["mmlu_anatomy", "local_piqa"]  # any lm-eval task
+
+
+def test_hub_task_names_reach_lm_eval(tiny_model_and_tokenizer, monkeypatch):
+    """With network, a task without a local copy is handed to lm-eval by name, its index included."""
+    import lm_eval
+    import lm_eval.tasks
+
+    seen = {}
+
+    def simple_evaluate(*, tasks, task_manager, **kwargs):
+        seen.update(tasks=tasks, include_defaults=task_manager.include_defaults)
+        return {"results": {t: {"acc,none": 0.5} for t in tasks}, "n-samples": {t: {"effective": 1} for t in tasks}}
+
+    class Manager:
+        def __init__(self, include_path, include_defaults, metadata):
+            self.include_defaults = include_defaults
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Manager)
+    result = run_lm_eval(*tiny_model_and_tokenizer, ["mmlu_anatomy", "piqa"], limit=1)
+    assert seen == {"tasks": ["mmlu_anatomy", "local_piqa"], "include_defaults": True}
+    assert result["mmlu_anatomy"] == {"acc": 0.5, "task": "mmlu_anatomy", "n_samples": 1, "data_sha256": None}
 
 
 @pytest.fixture(scope="module")

@@ -69,10 +69,9 @@ def test_qk_rows_are_exactly_half_zeros_and_everything_else_is_untouched(mask, r
     for layer in pruner.report.layers:
         attention = layer.attention
         if refit:
-            assert attention.error_final < attention.error_mask
-            assert attention.refit_loss_last < attention.refit_loss_first
+            assert attention.refit_kept and attention.error_final < attention.error_mask
         else:
-            assert attention.error_final == attention.error_mask
+            assert not attention.refit_kept and attention.error_final == attention.error_mask
 
 
 def test_same_seed_gives_bit_identical_masks():
@@ -199,3 +198,27 @@ def test_peak_memory_is_the_processs_own_not_its_parents(tmp_path):
     assert parent > 1536 and float(child.stdout) < parent - 1024
     assert abs(peak_rss_mb(tmp_path / "missing") - parent) < 64  # without /proc: getrusage, in the same unit
     del ballast
+
+
+def test_a_refit_that_raises_the_error_is_discarded():
+    """A diverging refit (an absurd step) must not be kept: the Wanda pattern's own weights are returned."""
+    model = tiny_model("llama")
+    dense = copy.deepcopy(model.state_dict())
+    pruner = AttentionPruner(**{**QK_ONLY, "attention": {"refit_iterations": 3, "refit_lr": 1000.0}})
+    pruner.prune_model(model, calibration=calibration(), progress=False)
+    for layer in pruner.report.layers:
+        assert not layer.attention.refit_kept and layer.attention.error_final == layer.attention.error_mask
+    for name, tensor in model.state_dict().items():
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            kept = tensor != 0
+            assert torch.equal(tensor[kept], dense[name][kept]), name
+
+
+def test_the_report_gives_wall_and_cpu_time_and_prints_both():
+    model = tiny_model("llama")
+    pruner = AttentionPruner(**{**QK_ONLY, "attention": {"refit_iterations": 2}})
+    pruner.prune_model(model, calibration=calibration(), progress=False)
+    report = pruner.report
+    assert 0 < report.cpu_seconds and 0 < report.seconds
+    assert report.to_dict()["cpu_seconds"] == report.cpu_seconds
+    assert f"({report.cpu_seconds:.1f} CPU s)" in report.to_markdown()

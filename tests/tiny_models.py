@@ -63,3 +63,26 @@ def assert_adapter_recomputes_attention(model, ids: torch.Tensor, atol: float) -
                 cos=cos, sin=sin, q_bias=attn.q_proj.bias, k_bias=attn.k_proj.bias, scaling=geometry.scaling)
             assert torch.allclose(probs, reference[index], atol=atol, rtol=0), f"layer {index}"
             inputs = outputs
+
+
+def save_tiny_model_folder(folder, **config) -> None:
+    """A tiny Llama with SmolLM2's tokenizer saved as a model folder, as a user would point --model at;
+    ``config`` changes its config (e.g. max_position_embeddings) before saving."""
+    from attnprune_opt.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    model = tiny_model("llama", vocab_size_override=len(tokenizer))
+    for key, value in config.items():
+        setattr(model.config, key, value)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def pruned_tiny_model(config: dict):
+    """A tiny Llama pruned by ``AttentionPruner(**config)`` on the fixed calibration sequences; (model, pruner)."""
+    from attnprune_opt import AttentionPruner
+
+    model = tiny_model("llama")
+    pruner = AttentionPruner(**config)
+    pruner.prune_model(model, calibration=calibration(), progress=False)
+    return model, pruner

@@ -4,7 +4,7 @@ Two forms share one softmax backward:
 
 * :class:`FusedAttentionObjective` -- the mask lives on the fused W = W_Q W_K^T (paper, Def. 1.2 / 3.2).
 * :class:`FactoredAttentionObjective` -- masks live on q_proj / k_proj weights (layout (out, in), as stored by
-  torch.nn.Linear), per head, with RoPE and grouped KV heads (method.md section 6).
+  torch.nn.Linear), per head, with RoPE and grouped KV heads (docs/method.md section 6).
 
 Both are batched over calibration sequences (attention never crosses sequences) and processed chunk by chunk.
 With ``normalize=True`` the data term is averaged over attention rows and the penalty over mask entries, so
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .attention import attention_matrix, softmax_attention
+from .attention import attention_matrix
 from .rope import apply_rotary, apply_rotary_transpose
 
 Params = tuple[Tensor, ...]
@@ -117,6 +117,24 @@ class FusedAttentionObjective:
         return float(value), (grad,)
 
 
+@dataclass(frozen=True)
+class SampledBatch:
+    """The part of one calibration batch a stochastic step sees: some of its sequences (None: all) and some of
+    its query rows (None: all), with the weight that makes the sampled sum an unbiased estimate of the full one."""
+
+    batch: int
+    sequences: Tensor | None
+    rows: Tensor | None
+    weight: float
+
+
+@dataclass(frozen=True)
+class RowSample:
+    """The attention rows one stochastic step computes (every key of a chosen sequence stays)."""
+
+    parts: tuple[SampledBatch, ...]
+
+
 def multihead_attention_probs(
     x: Tensor,
     q_weight: Tensor,
@@ -135,9 +153,16 @@ def multihead_attention_probs(
 
 
 class _MultiheadForward:
-    """Forward pass of factored attention, keeping what the backward needs."""
+    """Forward pass of factored attention, keeping what the backward needs.
 
-    def __init__(self, x, q_weight, k_weight, head_dim, cos, sin, q_bias, k_bias, scaling, causal) -> None:
+    ``rows`` (sorted query positions) restricts the queries to a sample: every key stays, so each sampled row of
+    the attention matrix is exact, and the cost of the query side and of the logits falls with the sample.
+    Query heads are laid out as (kv_heads, group * rows) so one matrix product serves a whole KV group, with no
+    repeated copy of the keys.
+    """
+
+    def __init__(self, x, q_weight, k_weight, head_dim, cos, sin, q_bias, k_bias, scaling, causal,
+                 rows: Tensor | None = None) -> None:
         b, n, _ = x.shape
         self.q_heads = q_weight.shape[0] // head_dim
         self.kv_heads = k_weight.shape[0] // head_dim
@@ -148,33 +173,44 @@ class _MultiheadForward:
             raise ValueError(f"{self.q_heads} query heads cannot be grouped over {self.kv_heads} KV heads")
         self.group = self.q_heads // self.kv_heads
         self.scaling = head_dim**-0.5 if scaling is None else scaling
-        self.rope = None if cos is None else (cos[:n], sin[:n])
-        q = self._project(x, q_weight, q_bias, self.q_heads, head_dim)
-        k = self._project(x, k_weight, k_bias, self.kv_heads, head_dim)
-        self.q = q
-        self.k_rep = k.repeat_interleave(self.group, dim=1)
-        self.probs = softmax_attention(self.scaling * self.q @ self.k_rep.transpose(-1, -2), causal)
+        self.x_q = x if rows is None else x[:, rows]
+        self.rope_k = None if cos is None else (cos[:n], sin[:n])
+        self.rope_q = self.rope_k if cos is None or rows is None else (cos[rows], sin[rows])
+        # the scale is applied to the queries, which are smaller than the logits
+        self.q = self.scaling * self._project(self.x_q, q_weight, q_bias, self.q_heads, head_dim, self.rope_q)
+        self.k = self._project(x, k_weight, k_bias, self.kv_heads, head_dim, self.rope_k)
+        logits = (self._grouped(self.q) @ self.k.transpose(-1, -2)).view(b, self.q_heads, self.q.shape[2], n)
+        if causal:
+            positions = torch.arange(n, device=x.device)
+            queries = positions if rows is None else rows
+            logits = logits.masked_fill(positions > queries[:, None], float("-inf"))
+        self.probs = torch.softmax(logits, dim=-1)
 
-    def _project(self, x, weight, bias, heads, head_dim) -> Tensor:
+    def _grouped(self, t: Tensor) -> Tensor:
+        """(b, heads, m, e) -> (b, kv_heads, group * m, e): the query heads of one KV group stacked."""
+        b, _, m, e = t.shape
+        return t.reshape(b, self.kv_heads, self.group * m, e)
+
+    @staticmethod
+    def _project(x, weight, bias, heads, head_dim, rope) -> Tensor:
         out = x @ weight.T
         if bias is not None:
             out = out + bias
         out = out.view(x.shape[0], x.shape[1], heads, head_dim).transpose(1, 2)
-        return out if self.rope is None else apply_rotary(out, *self.rope)
+        return out if rope is None else apply_rotary(out, *rope)
 
     def backward(self, grad_logits: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """Gradients of the loss w.r.t. the effective q/k weights, in (out, in) layout."""
-        b, heads, n, head_dim = self.q.shape
-        dq = self.scaling * grad_logits @ self.k_rep
-        dk = self.scaling * (grad_logits.transpose(-1, -2) @ self.q)
-        dk = dk.view(b, self.kv_heads, self.group, n, head_dim).sum(dim=2)
-        if self.rope is not None:
-            dq = apply_rotary_transpose(dq, *self.rope)
-            dk = apply_rotary_transpose(dk, *self.rope)
-        flat_x = x.reshape(b * n, -1)
-        dq = dq.transpose(1, 2).reshape(b * n, -1)
-        dk = dk.transpose(1, 2).reshape(b * n, -1)
-        return dq.T @ flat_x, dk.T @ flat_x
+        b, heads, m, head_dim = self.q.shape
+        grouped = self._grouped(grad_logits)
+        dq = (self.scaling * grouped @ self.k).view(b, heads, m, head_dim)
+        dk = grouped.transpose(-1, -2) @ self._grouped(self.q)
+        if self.rope_k is not None:
+            dq = apply_rotary_transpose(dq, *self.rope_q)
+            dk = apply_rotary_transpose(dk, *self.rope_k)
+        dq = dq.transpose(1, 2).reshape(b * m, -1)
+        dk = dk.transpose(1, 2).reshape(b * x.shape[1], -1)
+        return dq.T @ self.x_q.reshape(b * m, -1), dk.T @ x.reshape(b * x.shape[1], -1)
 
 
 class FactoredAttentionObjective:
@@ -223,10 +259,26 @@ class FactoredAttentionObjective:
     def _weight(self, name: str) -> Tensor:
         return self.q_weight if name == "q" else self.k_weight
 
-    def _forward(self, batch: Tensor, q_weight: Tensor, k_weight: Tensor) -> _MultiheadForward:
+    def _forward(self, batch: Tensor, q_weight: Tensor, k_weight: Tensor,
+                 rows: Tensor | None = None) -> _MultiheadForward:
         s = self._static
         return _MultiheadForward(batch, q_weight, k_weight, s["head_dim"], s["cos"], s["sin"], s["q_bias"],
-                                 s["k_bias"], s["scaling"], s["causal"])
+                                 s["k_bias"], s["scaling"], s["causal"], rows)
+
+    def sample(self, row_fraction: float, sequence_fraction: float, generator: torch.Generator) -> RowSample:
+        """A random share of the calibration sequences (at least one), and in each chosen batch a random share of
+        the query rows (at least one), drawn without replacement."""
+        sequences = [(i, j) for i, batch in enumerate(self.batches) for j in range(batch.shape[0])]
+        count = max(1, round(sequence_fraction * len(sequences)))
+        chosen = sorted(sequences[c] for c in torch.randperm(len(sequences), generator=generator)[:count].tolist())
+        parts = []
+        for i in sorted({i for i, _ in chosen}):
+            seqs = torch.tensor([j for b, j in chosen if b == i])
+            n = self.batches[i].shape[1]
+            m = max(1, round(row_fraction * n))
+            rows = torch.randperm(n, generator=generator)[:m].sort().values
+            parts.append(SampledBatch(i, seqs, rows, len(sequences) / count * n / m))
+        return RowSample(tuple(parts))
 
     def initial_params(self) -> Params:
         return tuple(torch.ones_like(self._weight(name)) for name in self.optimize)
@@ -260,17 +312,29 @@ class FactoredAttentionObjective:
         """The (weighted) data term for attention computed with these effective q/k weights."""
         return self.weights.data * 0.5 * self.squared_error(q_weight, k_weight)
 
-    def weight_loss_and_grad(self, q_weight: Tensor, k_weight: Tensor) -> tuple[float, Tensor, Tensor]:
-        """The data term and its gradient w.r.t. the effective q/k weights (nn.Linear layout)."""
+    def weight_loss_and_grad(self, q_weight: Tensor, k_weight: Tensor,
+                             sample: RowSample | None = None) -> tuple[float, Tensor, Tensor]:
+        """The data term and its gradient w.r.t. the effective q/k weights (nn.Linear layout).
+
+        With a ``sample`` (from :meth:`sample`) only its attention rows are computed, each weighted so that the
+        value and the gradient are unbiased estimates of the full ones.
+        """
+        parts = sample.parts if sample is not None else [
+            SampledBatch(i, None, None, 1.0) for i in range(len(self.batches))]
         data = torch.zeros((), dtype=q_weight.dtype, device=q_weight.device)
         grad_q, grad_k = torch.zeros_like(q_weight), torch.zeros_like(k_weight)
-        for batch, target in zip(self.batches, self.targets):
-            fwd = self._forward(batch, q_weight, k_weight)
+        for part in parts:
+            batch, target = self.batches[part.batch], self.targets[part.batch]
+            if part.rows is not None:  # rows first: the target's other rows are never copied
+                target = target.index_select(2, part.rows)
+            if part.sequences is not None:
+                batch, target = batch[part.sequences], target[part.sequences]
+            fwd = self._forward(batch, q_weight, k_weight, part.rows)
             loss, grad_logits = softmax_loss_and_logit_grad(fwd.probs, target)
-            data = data + loss
             gq, gk = fwd.backward(grad_logits, batch)
-            grad_q += gq
-            grad_k += gk
+            data += part.weight * loss
+            grad_q += part.weight * gq
+            grad_k += part.weight * gk
         scale = self.weights.data
         return float(scale * data), scale * grad_q, scale * grad_k
 
@@ -289,7 +353,7 @@ class KeptWeightsObjective:
     """The data term as a function of the values of the kept entries, the binary pattern B held fixed.
 
     Parameters are (V_Q, V_K) for the optimised sides; the weights used are B o V, so pruned entries stay exactly
-    zero. Descending it refits the kept weights to the non-linear objective (method.md section 7, extension).
+    zero. Descending it refits the kept weights to the non-linear objective (docs/method.md section 7, extension).
     """
 
     def __init__(self, objective: FactoredAttentionObjective, keep: dict[str, Tensor],
@@ -311,7 +375,11 @@ class KeptWeightsObjective:
     def loss(self, params: Params) -> float:
         return self.objective.weight_loss(*self.effective(params))
 
-    def loss_and_grad(self, params: Params) -> tuple[float, Params]:
-        data, grad_q, grad_k = self.objective.weight_loss_and_grad(*self.effective(params))
+    def sample(self, row_fraction: float, sequence_fraction: float, generator: torch.Generator) -> RowSample:
+        return self.objective.sample(row_fraction, sequence_fraction, generator)
+
+    def loss_and_grad(self, params: Params, sample: RowSample | None = None) -> tuple[float, Params]:
+        """Exact, or estimated from a ``sample`` of the attention rows (FactoredAttentionObjective.sample)."""
+        data, grad_q, grad_k = self.objective.weight_loss_and_grad(*self.effective(params), sample)
         grads = {"q": grad_q, "k": grad_k}
         return data, tuple(grads[name] * self.keep[name] for name in self.names)

@@ -1,7 +1,7 @@
 """Algorithm 1 of the paper: gradient descent on the relaxed mask, from M0 = 1, kept in [0, 1]; and Adam for
 refitting kept weights (unconstrained, badly scaled: plain gradient steps crawl there).
 
-The gradient scales like ||X||^2 ||W||^2 * scaling, so no single step size suits every layer (method.md
+The gradient scales like ||X||^2 ||W||^2 * scaling, so no single step size suits every layer (docs/method.md
 section 4). The step is therefore expressed scale-free: ``step_size`` is the largest change of any mask entry in
 the first step, and with ``line_search`` a backtracking (Armijo) test for projected gradient steps halves the
 step until the loss decreases enough and lets it grow again after each accepted step. With
@@ -10,8 +10,9 @@ step until the loss decreases enough and lets it grow again after each accepted 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -101,33 +102,73 @@ def solve(objective: Objective, config: SolverConfig = SolverConfig(), init: Par
     return result
 
 
+class SampledObjective(Objective, Protocol):
+    """An objective that is a sum over attention rows, so a step can estimate it from a sample of them."""
+
+    def sample(self, row_fraction: float, sequence_fraction: float, generator: torch.Generator) -> Any: ...
+
+    def loss_and_grad(self, params: Params, sample: Any = None) -> tuple[float, Params]: ...
+
+
 @dataclass(frozen=True)
 class AdamConfig:
-    """Adam on unconstrained parameters; ``lr`` is relative: each parameter's step is ``lr * scale``."""
+    """Adam on unconstrained parameters; ``lr`` is relative: each parameter's step is ``lr * scale``.
+
+    ``row_fraction`` or ``sequence_fraction`` < 1 makes each step stochastic: it sees that share of the calibration
+    sequences and, in those, of the query rows (all their keys stay), drawn afresh each step from a generator
+    seeded with ``seed``.
+    """
 
     iterations: int = 100
     lr: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
+    row_fraction: float = 1.0
+    sequence_fraction: float = 1.0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("row_fraction", "sequence_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+
+    @property
+    def exact(self) -> bool:
+        return self.row_fraction == 1.0 and self.sequence_fraction == 1.0
 
 
-def adam(objective: Objective, config: AdamConfig, scales: tuple[float, ...] | None = None) -> SolverResult:
-    """torch.optim.Adam from ``objective.initial_params()``; returns the iterate with the lowest loss seen."""
+StepCallback = Callable[[int, Params], None]
+
+
+def adam(objective: SampledObjective, config: AdamConfig, scales: tuple[float, ...] | None = None,
+         callback: StepCallback | None = None) -> SolverResult:
+    """torch.optim.Adam from ``objective.initial_params()``.
+
+    With exact steps (``row_fraction=1``) the iterate with the lowest loss seen is returned; sampled losses are
+    estimates, so there the last iterate is. ``callback(step, params)`` sees the iterate after each step (step 0
+    is the start), for monitoring only. Deterministic for a fixed ``seed``.
+    """
     params = [p.clone() for p in objective.initial_params()]
     scales = scales or (1.0,) * len(params)
     optimizer = torch.optim.Adam([{"params": [p], "lr": config.lr * s} for p, s in zip(params, scales)],
-                                 betas=config.betas)
+                                 betas=config.betas, foreach=False, fused=True)
+    generator = torch.Generator().manual_seed(config.seed)
+    exact = config.exact
     result = SolverResult(masks=tuple(p.clone() for p in params), iterations=config.iterations)
     best = float("inf")
     for step in range(config.iterations + 1):
-        loss, grads = objective.loss_and_grad(tuple(params))
+        if callback is not None:
+            callback(step, tuple(params))
+        if step == config.iterations and not exact:
+            result.masks = tuple(p.clone() for p in params)
+            break
+        sample = None if exact else objective.sample(config.row_fraction, config.sequence_fraction, generator)
+        loss, grads = objective.loss_and_grad(tuple(params), sample)
         result.loss_history.append(loss)
-        if loss < best:
+        if exact and loss < best:
             best, result.masks = loss, tuple(p.clone() for p in params)
         if step == config.iterations:
             break

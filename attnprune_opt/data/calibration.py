@@ -20,16 +20,16 @@ the order of ``torch.randperm`` under ``torch.Generator().manual_seed(seed)``; t
 The pool of ``c4`` and ``hf:`` sources is rows [0, 1000) unless ``rows`` says otherwise (C4 rows 1000-1499 are
 kept for evaluation); a local file's pool is all its rows.
 
-When the local ``c4`` or ``wikitext2`` file is absent (a fresh offline machine without the data folder), the model
-writes its own calibration text instead, see :func:`generate_sequences`; the set then says so.
+A missing source is an error, never replaced by other text. Two exceptions that are not replacements: ``c4`` rows
+that lie in the C4 sample shipped with this package (validation rows 0-7, see ``c4_sample/PROVENANCE.md``) come
+from the sample when the data folder is absent, as they are the same documents; and the source
+``self-generated``, named in a recipe, has the model write its own calibration text (:func:`generate_sequences`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
-import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,13 +39,12 @@ import torch
 from torch import Tensor
 
 from attnprune_opt import paths
+from attnprune_opt.paths import file_sha256 as data_file_sha256
 from attnprune_opt.errors import CalibrationDataError
 from attnprune_opt.models.offload import evaluating, input_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-logger = logging.getLogger(__name__)
 
 C4_FILE = "c4/c4_validation_1500.parquet"
 WIKITEXT2_VALID_FILE = "wikitext2_raw/wiki.valid.raw"
@@ -55,6 +54,10 @@ HF_DEFAULT_SPLIT = "train"
 MIN_TOKENS = 2  # one context token and one predicted token
 _GENERATION_BATCH = 8  # fixed, so self-generated text does not depend on anything but the spec
 _LOCAL_DEFAULTS = {"c4": C4_FILE, "wikitext2": WIKITEXT2_VALID_FILE}
+SELF_GENERATED = "self-generated"
+C4_SAMPLE_NAME = "c4_validation_rows_0-7.jsonl"
+C4_SAMPLE = Path(__file__).resolve().parent / "c4_sample" / C4_SAMPLE_NAME
+C4_SAMPLE_ROWS = 8
 
 Sampling = Literal["first", "random"]
 IndexKind = Literal["row", "window"]
@@ -137,69 +140,110 @@ def load_calibration(
     *,
     data_dir: str | Path | None = None,
 ) -> CalibrationSet:
-    """Tokenized calibration sequences for ``spec``; ``model`` is only used when the local default data is absent."""
+    """Tokenized calibration sequences for ``spec``; ``model`` writes them when the source is ``self-generated``."""
     source = spec.source
-    if source in _LOCAL_DEFAULTS:
-        path = Path(data_dir or paths.data_dir()) / _LOCAL_DEFAULTS[source]
-        if not path.is_file():
-            return _self_generated(spec, tokenizer, model, missing=path)
-        if source == "c4":
-            pool = spec.rows or DEFAULT_POOL
-            return _from_documents(spec, tokenizer, read_texts(path), str(path), pool=pool, path=path)
-        return _from_stream(spec, tokenizer, path)
+    if source == SELF_GENERATED:
+        return _self_generated(spec, tokenizer, model)
     if source.startswith("hf:"):
         return _from_hub(spec, tokenizer)
-    path = Path(source)
+    path, pool = _source_file(spec, data_dir)
+    if source == "wikitext2" or path.suffix == ".txt":
+        return _from_stream(spec, tokenizer, path)
+    texts = read_texts(path)
+    description = f"{C4_SAMPLE_NAME} (C4 validation rows 0-{len(texts) - 1})" if path == C4_SAMPLE else None
+    return _from_documents(spec, tokenizer, texts, description or paths.portable_name(path),
+                           pool=pool or (0, len(texts)), path=path)
+
+
+def check_source(spec: CalibrationSpec, data_dir: str | Path | None = None) -> None:
+    """Fail before any model is loaded if the source's file is missing or does not decode (text is not UTF-8, a
+    .parquet is not parquet, a .jsonl line is not JSON with a 'text' field)."""
+    if spec.source == SELF_GENERATED or spec.source.startswith("hf:"):
+        return
+    path, _ = _source_file(spec, data_dir)
+    if spec.source == "wikitext2" or path.suffix == ".txt":
+        read_text_file(path)
+    else:
+        read_texts(path)
+
+
+def _source_file(spec: CalibrationSpec, data_dir: str | Path | None) -> tuple[Path, tuple[int, int] | None]:
+    """The file a file-backed source reads, and the pool of rows for a document source (None: all rows).
+
+    ``c4`` reads the data folder's copy; without one, rows that lie in the C4 sample shipped with this package
+    (its first rows, taken in order) come from the sample, which holds the very same documents.
+    """
+    if spec.source in _LOCAL_DEFAULTS:
+        path = Path(data_dir or paths.data_dir()) / _LOCAL_DEFAULTS[spec.source]
+        if path.is_file():
+            return path, (spec.rows or DEFAULT_POOL) if spec.source == "c4" else None
+        if spec.source == "c4" and _in_sample(spec):
+            return C4_SAMPLE, spec.rows
+        raise CalibrationDataError(
+            f"calibration file not found: {_LOCAL_DEFAULTS[spec.source]} in the data folder {paths.data_dir()} "
+            f"(set {paths.DATA_DIR_ENV}); or name another calibration.source in the recipe, e.g. "
+            f"{SELF_GENERATED!r}"
+        )
+    path = Path(spec.source)
     if path.suffix not in (".txt", ".jsonl", ".parquet"):
         raise CalibrationDataError(
-            f"unsupported calibration source {source!r}: expected 'c4', 'wikitext2', 'hf:<name>[:<config>][:<split>]' "
-            "or a .txt, .jsonl or .parquet file"
+            f"unsupported calibration source {spec.source!r}: expected 'c4', 'wikitext2', {SELF_GENERATED!r}, "
+            "'hf:<name>[:<config>][:<split>]' or a .txt, .jsonl or .parquet file"
         )
     if not path.is_file():
         raise CalibrationDataError(f"calibration file not found: {path}")
-    if path.suffix == ".txt":
-        return _from_stream(spec, tokenizer, path)
-    texts = read_texts(path)
-    return _from_documents(spec, tokenizer, texts, str(path), pool=spec.rows or (0, len(texts)), path=path)
+    return path, spec.rows
+
+
+def _in_sample(spec: CalibrationSpec) -> bool:
+    """Whether the rows ``spec`` selects from C4 are all in the packaged sample (first rows, in order)."""
+    if spec.sampling != "first":
+        return False
+    start, stop = spec.rows or (0, C4_SAMPLE_ROWS)
+    return stop <= C4_SAMPLE_ROWS and spec.num_samples <= stop - start
 
 
 # --- reading and tokenizing (shared with the perplexity evaluation) -------------------------------------------------
 
 
-def data_file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks so large files do not sit in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_texts(path: Path) -> list[str]:
     """The ``text`` of every row of a .parquet (column) or .jsonl (field) file, in file order."""
     if path.suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
-        names = pq.read_schema(path).names
-        if "text" not in names:
-            raise CalibrationDataError(f"{path} has no 'text' column (columns: {', '.join(names)})")
-        texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+        try:
+            names = pq.read_schema(path).names
+            if "text" not in names:
+                raise CalibrationDataError(f"{path} has no 'text' column (columns: {', '.join(names)})")
+            texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+        except pyarrow.ArrowException as exc:
+            raise CalibrationDataError(f"{path} is not a readable parquet file: {exc}") from None
     else:
         texts = []
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise CalibrationDataError(f"{path} line {number} is not valid JSON: {exc}") from exc
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise CalibrationDataError(f"{path} line {number} has no string 'text' field")
-                texts.append(record["text"])
+        for number, line in enumerate(read_text_file(path).splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CalibrationDataError(f"{path} line {number} is not valid JSON: {exc}") from exc
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise CalibrationDataError(f"{path} line {number} has no string 'text' field")
+            texts.append(record["text"])
     if not texts:
         raise CalibrationDataError(f"{path} is empty: no rows")
     return [t or "" for t in texts]
+
+
+def read_text_file(path: Path) -> str:
+    """A whole file as UTF-8 text; anything else is an error naming the file and the first bad byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CalibrationDataError(f"{path} is not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} "
+                                   "cannot be decoded") from None
 
 
 def select_rows(texts: Sequence[str], rows: tuple[int, int], origin: str) -> list[str]:
@@ -260,7 +304,7 @@ def _from_documents(
             f"{found} tokens in all), need {spec.num_samples}"
         )
     indices = tuple(sorted(chosen))
-    files, hashes = ((str(path),), (data_file_sha256(path),)) if path else ((), ())
+    files, hashes = ((paths.portable_name(path),), (data_file_sha256(path),)) if path else ((), ())
     return CalibrationSet(
         sequences=[chosen[i] for i in indices],
         spec=spec,
@@ -280,7 +324,7 @@ def _from_stream(spec: CalibrationSpec, tokenizer: PreTrainedTokenizerBase, path
         raise CalibrationDataError(
             f"rows apply to document sources (c4, .jsonl, .parquet, hf:); {spec.source!r} is one text stream"
         )
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path)
     if not text.strip():
         raise CalibrationDataError(f"{path} is empty")
     ids = tokenize_stream(tokenizer, text)
@@ -298,7 +342,7 @@ def _from_stream(spec: CalibrationSpec, tokenizer: PreTrainedTokenizerBase, path
             f"{path.name} as one stream of {len(ids)} tokens: {spec.num_samples} of its {len(windows)} windows of "
             f"{spec.seq_len} tokens ({spec.sampling}, seed {spec.seed})"
         ),
-        files=(str(path),),
+        files=(paths.portable_name(path),),
         sha256=(data_file_sha256(path),),
         indices=indices,
         index_kind="window",
@@ -332,33 +376,21 @@ def _from_hub(spec: CalibrationSpec, tokenizer: PreTrainedTokenizerBase) -> Cali
 
 
 def _self_generated(
-    spec: CalibrationSpec, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None, *, missing: Path
+    spec: CalibrationSpec, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None
 ) -> CalibrationSet:
     if model is None:
-        raise CalibrationDataError(
-            f"calibration file not found: {missing} (set {paths.DATA_DIR_ENV} to the data folder), and no model "
-            "was given to generate calibration text instead"
-        )
+        raise CalibrationDataError(f"calibration source {SELF_GENERATED!r} needs the model to generate text")
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if bos is None:
         raise CalibrationDataError(
-            f"{missing} not found, and the tokenizer has neither a BOS nor an EOS token to start generated text"
+            f"calibration source {SELF_GENERATED!r}: the tokenizer has neither a BOS nor an EOS token to start from"
         )
-    logger.warning(
-        "%s not found: calibrating on %d x %d tokens the model generates itself (seed %d); results are not "
-        "comparable with the %s protocol",
-        missing,
-        spec.num_samples,
-        spec.seq_len,
-        spec.seed,
-        spec.source,
-    )
     return CalibrationSet(
         sequences=generate_sequences(model, bos, spec.num_samples, spec.seq_len, spec.seed),
         spec=spec,
         description=(
-            f"self-generated: {missing} not found; {spec.num_samples} sequences of {spec.seq_len} tokens sampled "
-            f"(temperature 1) by the model from token {bos}, seed {spec.seed}"
+            f"self-generated: {spec.num_samples} sequences of {spec.seq_len} tokens sampled (temperature 1) by the "
+            f"model from token {bos}, seed {spec.seed}"
         ),
         self_generated=True,
     )

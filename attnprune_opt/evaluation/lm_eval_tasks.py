@@ -1,6 +1,7 @@
-"""Standard lm-eval tasks run offline from the local copies in the data folder.
+"""Standard lm-eval tasks run offline from the local copies in the data folder; with network access, any other
+lm-eval task name is passed to lm-eval, which fetches its data from the hub.
 
-The task definitions live in ``integrations/lm_eval_tasks`` (YAML that lm-eval reads); this module is their single
+The task definitions live in ``attnprune_opt/evaluation/tasks`` (YAML that lm-eval reads); this module is their single
 source of truth about which local file backs which task and how its rows map onto the hub dataset's columns, so
 the official prompt templates apply unchanged. ``utils.load_local`` there calls :func:`load_local_docs`.
 """
@@ -9,18 +10,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attnprune_opt.data.calibration import data_file_sha256
-from attnprune_opt.paths import DATA_DIR_ENV, REPO_ROOT, data_dir as default_data_dir
+from attnprune_opt.paths import DATA_DIR_ENV, data_dir as default_data_dir
 
 if TYPE_CHECKING:
     import datasets
 
-TASKS_DIR = REPO_ROOT / "integrations" / "lm_eval_tasks"
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 LOCAL_TAG = "attnprune_local"
 
 
@@ -110,13 +112,14 @@ def _spec(name: str) -> LocalTask:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(LOCAL_TASKS)}") from None
 
 
+def hub_allowed() -> bool:
+    """Whether lm-eval may fetch a task's data from the hub: neither HF_DATASETS_OFFLINE nor HF_HUB_OFFLINE is set."""
+    return not any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+                   for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
 def tasks_dir() -> Path:
-    """The folder lm-eval is pointed at (``include_path``); it ships with the repo, not with a wheel."""
-    if not (TASKS_DIR / "utils.py").is_file():
-        raise FileNotFoundError(
-            f"lm-eval task definitions not found at {TASKS_DIR}; they live in the repository checkout, "
-            "so install attnprune_opt editable from the repo (pip install -e .)"
-        )
+    """The folder lm-eval is pointed at (``include_path``); package data, so it ships in the wheel."""
     return TASKS_DIR
 
 
@@ -150,8 +153,10 @@ def load_local_docs(name: str, data_dir: Path | str | None = None) -> datasets.D
 
 
 def resolve_tasks(names: list[str], data_dir: Path | None = None) -> list[str]:
-    """lm-eval task names for user-facing ``names``: the local task if its copy exists, else the official one."""
-    return [_spec(name).task if local_data_file(name, data_dir).is_file() else name for name in names]
+    """lm-eval task names for user-facing ``names``: the local task if its copy exists, else the name itself (an
+    official or any other lm-eval task, whose data lm-eval fetches from the hub)."""
+    return [_spec(name).task if name in LOCAL_TASKS and local_data_file(name, data_dir).is_file() else name
+            for name in names]
 
 
 def _compact(metrics: dict[str, Any]) -> dict[str, float | None]:

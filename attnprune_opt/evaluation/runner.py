@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attnprune_opt.errors import ConfigError
+from attnprune_opt.paths import portable_name
 from attnprune_opt.evaluation.attention_error import attention_error
-from attnprune_opt.evaluation.lm_eval_tasks import LOCAL_TASKS, run_lm_eval
+from attnprune_opt.evaluation.lm_eval_tasks import LOCAL_TASKS, hub_allowed, run_lm_eval
 from attnprune_opt.evaluation.perplexity import C4_EVAL_ROWS, QUICK_WINDOWS, c4_perplexity, wikitext2_perplexity
 
 if TYPE_CHECKING:
@@ -30,16 +31,23 @@ DEFAULT_BATCH_SIZE = 4
 
 
 def check_request(perplexity: Iterable[str], tasks: Iterable[str], batch_size: int = DEFAULT_BATCH_SIZE,
-                  windows: int | None = None) -> None:
-    """Unknown perplexity sets or tasks, a bad batch size or window count fail here, before any model is loaded."""
+                  limit: int | float | None = None, windows: int | None = None) -> None:
+    """Unknown perplexity sets or tasks, a bad batch size, limit or window count fail here, before any model is
+    loaded or run."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if limit is not None and not limit > 0:
+        raise ConfigError(f"limit (lm-eval documents per task) must be > 0, got {limit}")
     if windows is not None and windows < 1:
         raise ConfigError(f"windows must be >= 1, got {windows}")
-    for kind, names, known in (("perplexity data set", perplexity, PERPLEXITY_SETS), ("task", tasks, LOCAL_TASKS)):
-        unknown = [name for name in names if name not in known]
-        if unknown:
-            raise ConfigError(f"unknown {kind} {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+    unknown = [name for name in perplexity if name not in PERPLEXITY_SETS]
+    if unknown:
+        raise ConfigError(f"unknown perplexity data set {', '.join(map(repr, unknown))}; known: "
+                          f"{', '.join(PERPLEXITY_SETS)}")
+    hub_tasks = [name for name in tasks if name not in LOCAL_TASKS]
+    if hub_tasks and not hub_allowed():
+        raise ConfigError(f"task {', '.join(map(repr, hub_tasks))} has no local copy and the hub is offline "
+                          f"(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE); local tasks: {', '.join(LOCAL_TASKS)}")
 
 
 def evaluate(
@@ -69,7 +77,7 @@ def evaluate(
     :func:`~attnprune_opt.evaluation.edge.edge_figures`, measured right after loading (before a dense reference
     is loaded beside it), kept with the result.
     """
-    check_request(perplexity, tasks, batch_size, windows)
+    check_request(perplexity, tasks, batch_size, limit, windows)
     windows = QUICK_WINDOWS if windows is None and quick else windows
     documents = documents if documents is not None else QUICK_DOCUMENTS if quick else C4_EVAL_ROWS[1] - C4_EVAL_ROWS[0]
     if documents < 1:
@@ -77,7 +85,8 @@ def evaluate(
     c4_rows = (C4_EVAL_ROWS[0], C4_EVAL_ROWS[0] + documents)
     started = time.perf_counter()
     result: dict[str, Any] = {
-        "model": {"name": getattr(model, "name_or_path", None) or model.config.name_or_path, **(model_info or {})},
+        "model": {"name": _portable(getattr(model, "name_or_path", None) or model.config.name_or_path),
+                  **(model_info or {})},
         "protocol": {
             "quick": quick,
             "wikitext2_windows": windows,
@@ -113,3 +122,8 @@ def evaluate(
                                       data_dir=data_dir)
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def _portable(name: str) -> str:
+    """A model's name_or_path without the absolute local path it may be."""
+    return portable_name(name) if name and Path(name).exists() else name

@@ -1,10 +1,10 @@
-"""Loading a pruned model folder, dense or compressed, onto any device map, checking it against its manifest.
+"""Loading a pruned model folder, dense or compressed, onto any device map, checked against its manifest.
 
-Before loading, every weight file is opened and matched against the index and config.json (a truncated or corrupt
-shard is an :class:`ArtifactError` naming the file); after loading, every pruned weight's zeros are counted in
-the model (an offloaded one brought back for the count) and must equal the manifest's, else an
-:class:`ArtifactError` names the module and both counts. A compressed folder is decompressed by the transformers
-quantizer this package registers (:mod:`.quantizer`).
+Before loading, the folder is verified (:func:`~.verify.verify_pruned_folder`: the manifest, every weight file
+opened and matched against the index and config.json, and every file's SHA-256, unless ``verify_files=False``);
+after loading, every pruned weight's zeros are counted in the model (an offloaded one brought back for the count)
+and must equal the manifest's. Any disagreement is an :class:`ArtifactError` naming the file or module. A
+compressed folder is decompressed by the transformers quantizer this package registers (:mod:`.quantizer`).
 """
 
 from __future__ import annotations
@@ -17,32 +17,28 @@ from torch import nn
 from ..errors import ArtifactError
 from ..models.offload import onloaded
 from .bitmask import DECOMPRESSORS, TENSOR_NAMES
-from .save import (
-    MANIFEST_NAME,
-    _Files,
-    _folder_quantization,
-    manifest_config,
-    pruned_rule,
-    read_manifest,
-)
+from .folder import TensorFiles, folder_quantization, pruned_rule
+from .manifest import Manifest, read_manifest
+from .measure import raise_disagreement
 from .sharded import verify_folder
+from .verify import verify_pruned_folder
 
 __all__ = ["load_pruned_model", "read_manifest", "check_sparsity"]
 
 
 def load_pruned_model(folder: str | Path, device_map: str | dict | None = None,
-                      offload_folder: str | Path | None = None, **kwargs: Any):
+                      offload_folder: str | Path | None = None, *, verify_files: bool = True, **kwargs: Any):
     """``AutoModelForCausalLM.from_pretrained`` on a pruned folder (safetensors only, no remote code unless asked),
-    checked against the folder's manifest; ``kwargs`` go through (``dtype``, ``attn_implementation``...)."""
+    checked against the folder's manifest; ``kwargs`` go through (``dtype``, ``attn_implementation``...).
+
+    ``verify_files=False`` skips hashing every file (about a second per GB of weights): a changed byte that keeps
+    a pruned weight's zero count then loads unnoticed. The manifest's own checks and the zero counts still run.
+    """
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    verify_folder(folder)
-    quant = _folder_quantization(folder)
-    if (quant is not None) != (manifest["format"] == "bitmask"):
-        raise ArtifactError(f"{folder}: {MANIFEST_NAME} says format {manifest['format']!r} but config.json "
-                            f"{'has' if quant else 'has no'} attnprune-sparse quantization_config")
+    manifest = verify_pruned_folder(folder, hashes=verify_files)
+    quant = folder_quantization(folder)
     kwargs.setdefault("use_safetensors", True)
     kwargs.setdefault("trust_remote_code", False)
     try:
@@ -61,7 +57,7 @@ def load_pruned_model(folder: str | Path, device_map: str | dict | None = None,
 def _raise_first_bad_weight(folder: Path, quant: dict[str, Any], exc: RuntimeError) -> None:
     """Decompress the compressed weights one at a time; raise the first one's :class:`ArtifactError`."""
     layout = quant["format"]
-    with _Files(folder, verify_folder(folder)) as files:
+    with TensorFiles(folder, verify_folder(folder)) as files:
         for prefix in quant["targets"]:
             try:
                 DECOMPRESSORS[layout]({s: files.tensor(f"{prefix}.{s}") for s in TENSOR_NAMES[layout]}, name=prefix)
@@ -69,14 +65,15 @@ def _raise_first_bad_weight(folder: Path, quant: dict[str, Any], exc: RuntimeErr
                 raise ArtifactError(f"{folder}: compressed weights do not decompress: {bad}") from exc
 
 
-def check_sparsity(model: nn.Module, manifest: dict[str, Any], folder: str | Path = "model") -> None:
+def check_sparsity(model: nn.Module, manifest: Manifest, folder: str | Path = "model") -> float:
     """Every pruned weight of ``model`` must hold the zeros the manifest records, and the manifest must list every
-    weight its recipe prunes; raises :class:`ArtifactError` naming the modules and both counts."""
-    config = manifest_config(manifest, Path(folder))
-    expected = manifest["sparsity"]["modules"]
+    weight its recipe prunes (else :class:`ArtifactError` naming the modules and both counts); returns the
+    fraction of zeros measured over the pruned weights."""
+    expected = manifest.sparsity.modules
     problems = []
-    names = [name for name, _ in model.named_parameters() if pruned_rule(name, config)]
+    names = [name for name, _ in model.named_parameters() if pruned_rule(name, manifest.config)]
     problems += [f"{name}: pruned by the recipe but not in the manifest" for name in names if name not in expected]
+    zeros_total = numel_total = 0
     for name, entry in expected.items():
         prefix, _, leaf = name.rpartition(".")
         try:
@@ -90,10 +87,9 @@ def check_sparsity(model: nn.Module, manifest: dict[str, Any], folder: str | Pat
                 problems.append(f"{name}: in the manifest but the model has no readable weight there")
                 continue
             zeros, numel = int((weight == 0).sum()), weight.numel()
-        if (zeros, numel) != (entry["zeros"], entry["numel"]):
+        zeros_total, numel_total = zeros_total + zeros, numel_total + numel
+        if (zeros, numel) != (entry.zeros, entry.numel):
             problems.append(f"{name}: {zeros} zeros of {numel} loaded ({weight.dtype}), manifest says "
-                            f"{entry['zeros']} of {entry['numel']}")
-    if problems:
-        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
-        raise ArtifactError(f"{folder}: the loaded weights disagree with {MANIFEST_NAME}: "
-                            + "; ".join(problems[:5]) + more)
+                            f"{entry.zeros} of {entry.numel}")
+    raise_disagreement(Path(folder), problems)
+    return zeros_total / numel_total if numel_total else 0.0

@@ -40,15 +40,13 @@ class ModuleReport:
 
 @dataclass
 class AttentionReport:
-    """Relative attention errors on calibration inputs: magnitude pruning (reference), the chosen pattern with the
-    original weights, and the final weights after refitting."""
+    """Relative attention errors on calibration inputs: the chosen pattern with the original weights, and the final
+    weights after refitting."""
 
-    error_magnitude: float
     error_mask: float
     error_final: float
     descent_iterations: int
-    refit_loss_first: float | None
-    refit_loss_last: float | None
+    refit_kept: bool
     seconds: float
 
 
@@ -157,12 +155,10 @@ def _prune_layer(adapter: LlamaFamilyAdapter, index: int, layer: nn.Module, inpu
 
     report = LayerReport(index)
     if attention_rules:
-        result = _prune_attention_modules(adapter, layer, linears, recorded.tensors["q_proj"], inputs,
+        result = _prune_attention_modules(adapter, index, layer, linears, recorded.tensors["q_proj"], inputs,
                                           attention_rules, config)
-        refit = result.refit_loss
-        report.attention = AttentionReport(result.error_magnitude, result.error_mask, result.error_final,
-                                           result.descent_iterations, refit[0] if refit else None,
-                                           refit[-1] if refit else None, result.seconds)
+        report.attention = AttentionReport(result.error_mask, result.error_final, result.descent_iterations,
+                                           result.refit_kept, result.seconds)
         for module, weight in result.weights.items():
             write_parameter(linears[module], "weight", weight)
     for module, rule in rules.items():
@@ -176,9 +172,14 @@ def _prune_layer(adapter: LlamaFamilyAdapter, index: int, layer: nn.Module, inpu
     return report, dense_outputs
 
 
-def _prune_attention_modules(adapter: LlamaFamilyAdapter, layer: nn.Module, linears: dict[str, nn.Linear],
-                             xs: list[torch.Tensor], inputs: list[LayerInput], rules: dict[str, PruneRule],
-                             config: PrunerConfig) -> AttentionResult:
+def layer_seed(seed: int, index: int) -> int:
+    """Each layer's own stream of random draws, fixed by the run's seed."""
+    return seed * 100_003 + index
+
+
+def _prune_attention_modules(adapter: LlamaFamilyAdapter, index: int, layer: nn.Module,
+                             linears: dict[str, nn.Linear], xs: list[torch.Tensor], inputs: list[LayerInput],
+                             rules: dict[str, PruneRule], config: PrunerConfig) -> AttentionResult:
     if not check_finite(xs):
         raise NonFiniteWeightsError("attention inputs contain NaN or infinity")
     longest = max(range(len(inputs)), key=lambda i: inputs[i].hidden.shape[1])
@@ -190,7 +191,7 @@ def _prune_attention_modules(adapter: LlamaFamilyAdapter, layer: nn.Module, line
             bias = linears[module].bias
             biases[module] = None if bias is None else bias.detach().clone()
     return prune_attention(weights, biases, AttentionInputs(xs, cos, sin), adapter.geometry(layer), rules,
-                           config.attention, config.sparsegpt)
+                           config.attention, config.sparsegpt, seed=layer_seed(config.seed, index))
 
 
 def _check_weight_finite(linear: nn.Linear, name: str) -> None:

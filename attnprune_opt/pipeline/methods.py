@@ -25,7 +25,7 @@ from ..core import (
     wanda_mask,
 )
 from ..core.objective import KeptWeightsObjective
-from ..core.solver import AdamConfig, adam
+from ..core.solver import AdamConfig, StepCallback, adam
 from ..models.adapters import AttentionGeometry
 
 SOLVE_DTYPE = torch.float32
@@ -51,14 +51,15 @@ class AttentionInputs:
 @dataclass
 class AttentionResult:
     """Pruned q/k weights and the figures of the run. Errors are relative attention errors on the calibration
-    inputs: ``error_magnitude`` of magnitude pruning at the same sparsity (a reference), ``error_mask`` of the
-    chosen pattern with the original weights, ``error_final`` after refitting the kept weights."""
+    inputs: ``error_mask`` of the chosen pattern with the original weights, ``error_final`` of the weights returned.
+    ``refit_kept`` says whether the refit lowered the error (else the pattern's weights are returned);
+    ``refit_loss`` is the refit's loss per step (estimates from the step's sample when steps are sampled)."""
 
     weights: dict[str, Tensor]
-    error_magnitude: float
     error_mask: float
     error_final: float
     descent_iterations: int
+    refit_kept: bool
     refit_loss: list[float]
     seconds: float
 
@@ -106,14 +107,29 @@ class _Layer:
             iterations = max(iterations, result.iterations)
         return relaxed, iterations
 
-    def refit(self, start: dict[str, Tensor], keep: dict[str, Tensor],
-              config: AdamConfig) -> tuple[dict[str, Tensor], list[float]]:
+    def refit(self, start: dict[str, Tensor], keep: dict[str, Tensor], config: AdamConfig,
+              callback: StepCallback | None = None) -> tuple[dict[str, Tensor], list[float]]:
         """Adam on the kept entries against the attention loss; pruned entries stay exactly zero."""
-        kept = KeptWeightsObjective(self.objective, keep={name[0]: keep[name] for name in self.targets},
+        kept = self.kept_objective(start, keep)
+        result = adam(kept, config, tuple(_rms(self.dense[name]) for name in self.targets), callback)
+        return self.fitted(kept, result.masks, keep), result.loss_history
+
+    def kept_objective(self, start: dict[str, Tensor], keep: dict[str, Tensor]) -> KeptWeightsObjective:
+        return KeptWeightsObjective(self.objective, keep={name[0]: keep[name] for name in self.targets},
                                     start={name[0]: start[name].to(SOLVE_DTYPE) for name in self.targets})
-        result = adam(kept, config, tuple(_rms(self.dense[name]) for name in self.targets))
-        fitted = dict(zip(("q_proj", "k_proj"), kept.effective(result.masks)))
-        return {name: apply_mask(fitted[name], keep[name]) for name in self.targets}, result.loss_history
+
+    def fitted(self, kept: KeptWeightsObjective, values: tuple[Tensor, ...],
+               keep: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The refit's parameters as q/k weights, pruned entries exactly +0.0."""
+        weights = dict(zip(("q_proj", "k_proj"), kept.effective(values)))
+        return {name: apply_mask(weights[name], keep[name]) for name in self.targets}
+
+
+def refit_config(settings: AttentionSettings, seed: int) -> AdamConfig:
+    """The refit's solver settings, from the recipe's ``attention`` block."""
+    return AdamConfig(iterations=settings.refit_iterations, lr=settings.refit_lr,
+                      row_fraction=settings.refit_row_fraction,
+                      sequence_fraction=settings.refit_sequence_fraction, seed=seed)
 
 
 def prune_attention(
@@ -124,9 +140,14 @@ def prune_attention(
     rules: dict[str, PruneRule],
     settings: AttentionSettings,
     sparsegpt_settings: SparseGPTSettings = SparseGPTSettings(),
+    seed: int = 0,
 ) -> AttentionResult:
     """The method on one layer's q_proj/k_proj: choose the pattern (``settings.mask``), then refit the kept
-    weights to the non-linear attention objective (``settings.refit_iterations`` Adam steps)."""
+    weights to the non-linear attention objective (``settings.refit_*``; ``seed`` draws the sampled rows).
+
+    The refit is kept only if it lowers the exact calibration error: a sampled run can in principle end above
+    its start, and the pattern's weights are then the better answer.
+    """
     start_time = time.perf_counter()
     targets = tuple(name for name in ("q_proj", "k_proj") if name in rules)
     layer = _Layer(weights, biases, inputs, geometry, targets, settings.lam)
@@ -135,10 +156,9 @@ def prune_attention(
     def keep_top(scores: dict[str, Tensor]) -> dict[str, Tensor]:
         return {name: _keep(scores[name], rules[name], settings, geometry) for name in targets}
 
-    magnitude = keep_top({name: layer.dense[name].abs() for name in targets})
     start = layer.dense
     if settings.mask == "magnitude":
-        keep = magnitude
+        keep = keep_top({name: layer.dense[name].abs() for name in targets})
     elif settings.mask == "wanda":
         norms = _input_statistics(inputs, hessian=False).column_norms.to(SOLVE_DTYPE)
         keep = keep_top({name: layer.dense[name].abs() * norms for name in targets})
@@ -157,15 +177,17 @@ def prune_attention(
         keep = keep_top({name: relaxed[name] * (layer.dense[name].abs() if settings.score == "mask_weight" else 1)
                          for name in targets})
     pattern = {name: apply_mask(start[name], keep[name]) for name in targets}
-    final, history = pattern, []
+    error_mask = layer.error(pattern)
+    final, error_final, history = pattern, error_mask, []
     if settings.refit_iterations:
-        final, history = layer.refit(pattern, keep, AdamConfig(iterations=settings.refit_iterations,
-                                                               lr=settings.refit_lr))
+        refit, history = layer.refit(pattern, keep, refit_config(settings, seed))
+        error_refit = layer.error(refit)
+        if error_refit < error_mask:
+            final, error_final = refit, error_refit
     return AttentionResult(
         weights={name: final[name].to(weights[name].dtype) for name in targets},
-        error_magnitude=layer.error({name: apply_mask(layer.dense[name], magnitude[name]) for name in targets}),
-        error_mask=layer.error(pattern), error_final=layer.error(final),
-        descent_iterations=descent_iterations, refit_loss=history, seconds=time.perf_counter() - start_time)
+        error_mask=error_mask, error_final=error_final,
+        descent_iterations=descent_iterations, refit_kept=final is not pattern, refit_loss=history, seconds=time.perf_counter() - start_time)
 
 
 def apply_mask(weight: Tensor, keep: Tensor) -> Tensor:
