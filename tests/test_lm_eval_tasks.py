@@ -186,7 +186,7 @@ def test_hub_task_names_reach_lm_eval(tiny_model_and_tokenizer, monkeypatch):
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", Manager)
-    result = run_lm_eval(*tiny_model_and_tokenizer, ["mmlu_anatomy", "piqa"], limit=1)
+    result = run_lm_eval(*tiny_model_and_tokenizer, ["mmlu_anatomy", "piqa"], limit=1, data_dir=MINI_DATA)
     assert seen == {"tasks": ["mmlu_anatomy", "local_piqa"], "include_defaults": True}
     assert result["mmlu_anatomy"] == {"acc": 0.5, "task": "mmlu_anatomy", "n_samples": 1, "data_sha256": None}
 
