@@ -142,7 +142,8 @@ def run(layers: list[int], steps: int) -> dict:
 def markdown(records: dict) -> str:
     layers = records["layers"]
     part_names = list(next(iter(records["parts"].values())))
-    lines = [f"Wall seconds on this machine ({records['threads']} threads), mean over layers {layers}.", "",
+    threads = f"{records['threads']} thread" + ("s" if records["threads"] != 1 else "")
+    lines = [f"Wall seconds on this machine ({threads}), mean over layers {layers}.", "",
              "| part | seconds |", "|---|---|"]
     for name in part_names:
         lines.append(f"| {name} | {statistics.fmean(records['parts'][i][name] for i in layers):.4f} |")
