@@ -5,10 +5,11 @@ Memory is given two ways: ``weights_mb`` counts the bytes of every parameter and
 int8 data, scales and zero points), exact and machine-independent; ``resident_mb`` is the growth of the process's
 resident memory from before the model was loaded (the caller's :func:`process_rss_mb`) to after the speed runs,
 when every weight has been paged in (safetensors are memory-mapped, so right after loading much of a model is not
-resident yet): weights, what loading left allocated, the KV cache and activations. Speed is measured on this machine with the threads torch uses, on fixed token ids (the
-values do not change the cost of a dense forward): the median of ``repeats`` timed prefills of ``prompt_tokens``
-tokens, and of ``repeats`` greedy decodes of ``new_tokens`` tokens one at a time with the KV cache. Zeros in a
-dense matrix cost as much as any value, so a pruned model is expected at the dense model's speed.
+resident yet): weights, what loading left allocated, the KV cache and activations. Speed is measured on this
+machine with the threads torch uses, on fixed token ids (the values do not change the cost of a dense forward):
+the median of ``repeats`` timed prefills of ``prompt_tokens`` tokens, and of ``repeats`` greedy decodes of
+``new_tokens`` tokens one at a time with the KV cache. Zeros in a dense matrix cost as much as any value, so a
+pruned model is expected at the dense model's speed.
 """
 
 from __future__ import annotations

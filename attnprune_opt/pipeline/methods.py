@@ -187,7 +187,8 @@ def prune_attention(
     return AttentionResult(
         weights={name: final[name].to(weights[name].dtype) for name in targets},
         error_mask=error_mask, error_final=error_final,
-        descent_iterations=descent_iterations, refit_kept=final is not pattern, refit_loss=history, seconds=time.perf_counter() - start_time)
+        descent_iterations=descent_iterations, refit_kept=final is not pattern, refit_loss=history,
+        seconds=time.perf_counter() - start_time)
 
 
 def apply_mask(weight: Tensor, keep: Tensor) -> Tensor:
