@@ -135,6 +135,39 @@ class RowSample:
     parts: tuple[SampledBatch, ...]
 
 
+def sample_rows(batches: Sequence[Tensor], row_fraction: float, sequence_fraction: float,
+                generator: torch.Generator) -> RowSample:
+    """A random share of the sequences of ``batches`` (at least one), and in each chosen batch a random share of
+    the rows (positions, at least one), drawn without replacement, each part weighted by (sequences / chosen) x
+    (n / m) so that sums over the sample are unbiased estimates of sums over every row."""
+    sequences = [(i, j) for i, batch in enumerate(batches) for j in range(batch.shape[0])]
+    count = max(1, round(sequence_fraction * len(sequences)))
+    chosen = sorted(sequences[c] for c in torch.randperm(len(sequences), generator=generator)[:count].tolist())
+    parts = []
+    for i in sorted({i for i, _ in chosen}):
+        seqs = torch.tensor([j for b, j in chosen if b == i])
+        n = batches[i].shape[1]
+        m = max(1, round(row_fraction * n))
+        rows = torch.randperm(n, generator=generator)[:m].sort().values
+        parts.append(SampledBatch(i, seqs, rows, len(sequences) / count * n / m))
+    return RowSample(tuple(parts))
+
+
+def sample_parts(sample: RowSample | None, batch_count: int) -> tuple[SampledBatch, ...]:
+    """The parts a step computes: the sample's, or every row of every batch at weight 1."""
+    if sample is not None:
+        return sample.parts
+    return tuple(SampledBatch(i, None, None, 1.0) for i in range(batch_count))
+
+
+def select_rows(t: Tensor, part: SampledBatch, row_dim: int | None) -> Tensor:
+    """The part's sequences (dim 0) of ``t`` and, along ``row_dim`` (None: keep all, e.g. keys), its rows; rows
+    are taken first so the unsampled rows of a large tensor are never copied."""
+    if part.rows is not None and row_dim is not None:
+        t = t.index_select(row_dim, part.rows)
+    return t if part.sequences is None else t[part.sequences]
+
+
 def multihead_attention_probs(
     x: Tensor,
     q_weight: Tensor,
@@ -266,19 +299,8 @@ class FactoredAttentionObjective:
                                  s["k_bias"], s["scaling"], s["causal"], rows)
 
     def sample(self, row_fraction: float, sequence_fraction: float, generator: torch.Generator) -> RowSample:
-        """A random share of the calibration sequences (at least one), and in each chosen batch a random share of
-        the query rows (at least one), drawn without replacement."""
-        sequences = [(i, j) for i, batch in enumerate(self.batches) for j in range(batch.shape[0])]
-        count = max(1, round(sequence_fraction * len(sequences)))
-        chosen = sorted(sequences[c] for c in torch.randperm(len(sequences), generator=generator)[:count].tolist())
-        parts = []
-        for i in sorted({i for i, _ in chosen}):
-            seqs = torch.tensor([j for b, j in chosen if b == i])
-            n = self.batches[i].shape[1]
-            m = max(1, round(row_fraction * n))
-            rows = torch.randperm(n, generator=generator)[:m].sort().values
-            parts.append(SampledBatch(i, seqs, rows, len(sequences) / count * n / m))
-        return RowSample(tuple(parts))
+        """A random share of the calibration sequences and of their query rows (see :func:`sample_rows`)."""
+        return sample_rows(self.batches, row_fraction, sequence_fraction, generator)
 
     def initial_params(self) -> Params:
         return tuple(torch.ones_like(self._weight(name)) for name in self.optimize)
@@ -319,16 +341,11 @@ class FactoredAttentionObjective:
         With a ``sample`` (from :meth:`sample`) only its attention rows are computed, each weighted so that the
         value and the gradient are unbiased estimates of the full ones.
         """
-        parts = sample.parts if sample is not None else [
-            SampledBatch(i, None, None, 1.0) for i in range(len(self.batches))]
         data = torch.zeros((), dtype=q_weight.dtype, device=q_weight.device)
         grad_q, grad_k = torch.zeros_like(q_weight), torch.zeros_like(k_weight)
-        for part in parts:
-            batch, target = self.batches[part.batch], self.targets[part.batch]
-            if part.rows is not None:  # rows first: the target's other rows are never copied
-                target = target.index_select(2, part.rows)
-            if part.sequences is not None:
-                batch, target = batch[part.sequences], target[part.sequences]
+        for part in sample_parts(sample, len(self.batches)):
+            batch = select_rows(self.batches[part.batch], part, None)
+            target = select_rows(self.targets[part.batch], part, 2)
             fwd = self._forward(batch, q_weight, k_weight, part.rows)
             loss, grad_logits = softmax_loss_and_logit_grad(fwd.probs, target)
             gq, gk = fwd.backward(grad_logits, batch)
