@@ -182,6 +182,9 @@ def test_relative_error_parts(gen):
     expected = (mlp_reference(x, {**dense, **pruned}, "silu") - y0).pow(2).sum()
     assert objective.squared_error({**dense, **pruned}) == pytest.approx(float(expected), rel=1e-12)
     assert objective.target_energy == pytest.approx(float(y0.pow(2).sum()), rel=1e-12)
+    sample = objective.sample(0.5, 0.5, torch.Generator().manual_seed(1))
+    sampled = sampled_reference(mlp_reference(x, {**dense, **pruned}, "silu"), y0, sample, 1)
+    assert objective.squared_error({**dense, **pruned}, sample) == pytest.approx(2 * float(sampled), rel=1e-12)
 
 
 def test_bad_inputs_are_named(gen):

@@ -104,9 +104,11 @@ class _KeptValues:
                             names: tuple[str, ...]) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
-    def squared_error(self, weights: Mapping[str, Tensor]) -> float:
-        """||Y - Y0||_F^2 over every token with these weights (the numerator of the relative error)."""
-        value, _ = self._data_loss_and_grad({**self.fixed, **weights}, None, ())
+    def squared_error(self, weights: Mapping[str, Tensor], sample: RowSample | None = None) -> float:
+        """||Y - Y0||_F^2 over every token with these weights (the numerator of the relative error), or its
+        unbiased estimate from a ``sample`` (one fixed sample compares two sets of weights at a fraction of the
+        cost)."""
+        value, _ = self._data_loss_and_grad({**self.fixed, **weights}, sample, ())
         return 2 * float(value)
 
     @property
