@@ -32,8 +32,8 @@ from torch import Tensor
 
 from attnprune_opt.config import AttentionSettings, PruneRule
 from attnprune_opt.core import InputStatistics, multihead_attention_probs, sparsegpt, wanda_mask
-from attnprune_opt.core.layer_objective import AttentionOutputObjective, MLPObjective
-from attnprune_opt.core.solver import AdamConfig, adam
+from attnprune_opt.core.layer_objective import AttentionOutputObjective, MLPObjective, refit_kept_weights
+from attnprune_opt.core.solver import AdamConfig
 from attnprune_opt.data import CalibrationSpec, load_calibration
 from attnprune_opt.evaluation.perplexity import c4_perplexity, wikitext2_perplexity
 from attnprune_opt.models.adapters import get_adapter
@@ -115,10 +115,6 @@ def sparsity_of(structure: str) -> float:
     return 1 - n_m[0] / n_m[1] if n_m else float(structure)
 
 
-def rms(t: Tensor) -> float:
-    return float(t.pow(2).mean().sqrt()) or 1.0
-
-
 def stacked(tensors: list[Tensor]) -> list[Tensor]:
     """One (b, n, d) batch per sequence length (calibration documents can be shorter than seq_len), in the order
     of ``AttentionInputs.batches``."""
@@ -132,20 +128,12 @@ def statistics(xs: list[Tensor], hessian: bool) -> InputStatistics:
     return stats
 
 
-def refit(objective, settings: Refit, seed: int, log: LayerLog, name: str) -> tuple[Tensor, ...]:
-    """Adam on the kept values; the refit is kept only if it lowers the calibration error (estimated on one
-    fixed sample of ``check_fraction`` of the tokens; exact at 1)."""
-    start = objective.initial_params()
-    check = None if settings.check_fraction == 1 else objective.sample(
-        settings.check_fraction, 1.0, torch.Generator().manual_seed(seed))
-    before = objective.squared_error(objective.weights(start), check) / objective.target_energy
+def refit(objective, settings: Refit, seed: int, log: LayerLog, name: str) -> dict[str, Tensor]:
     config = AdamConfig(iterations=settings.iterations, lr=settings.lr, row_fraction=settings.row_fraction,
                         sequence_fraction=settings.sequence_fraction, seed=seed)
-    scales = tuple(rms(objective.dense[n]) for n in objective.names)
-    values = adam(objective, config, scales).masks
-    after = objective.squared_error(objective.weights(values), check) / objective.target_energy
-    log.errors[f"{name}_before"], log.errors[f"{name}_after"] = before, after
-    return values if after < before else start
+    result = refit_kept_weights(objective, config, settings.check_fraction)
+    log.errors[f"{name}_before"], log.errors[f"{name}_after"] = result.error_before, result.error_after
+    return result.weights
 
 
 def prune_layer(adapter, index: int, layer, pruned_in: list[LayerInput], dense_in: list[LayerInput] | None,
@@ -205,8 +193,7 @@ def prune_layer(adapter, index: int, layer, pruned_in: list[LayerInput], dense_i
                 x_attn, probs, {"v": dense["v_proj"], "o": dense["o_proj"]},
                 {"v": keep["v_proj"], "o": keep["o_proj"]}, head_dim=geometry.head_dim,
                 start={"v": weights["v_proj"], "o": weights["o_proj"]}, targets=targets)
-            values = refit(objective, variant.vo, seed, log, "vo")
-            fitted = objective.weights(values)
+            fitted = refit(objective, variant.vo, seed, log, "vo")
             weights["v_proj"], weights["o_proj"] = fitted["v"], fitted["o"]
             del probs, objective
             clock = log.lap("vo", clock)
@@ -225,8 +212,7 @@ def prune_layer(adapter, index: int, layer, pruned_in: list[LayerInput], dense_i
                 {"gate": keep["gate_proj"], "up": keep["up_proj"], "down": keep["down_proj"]},
                 start={"gate": weights["gate_proj"], "up": weights["up_proj"], "down": weights["down_proj"]},
                 targets=targets)
-            values = refit(objective, variant.mlp, seed, log, "mlp")
-            fitted = objective.weights(values)
+            fitted = refit(objective, variant.mlp, seed, log, "mlp")
             for name in ("gate", "up", "down"):
                 weights[f"{name}_proj"] = fitted[name]
             del objective

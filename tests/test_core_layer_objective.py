@@ -5,7 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnprune_opt.core.layer_objective import AttentionOutputObjective, MLPObjective, activation_and_derivative
+from attnprune_opt.core.layer_objective import (
+    AttentionOutputObjective,
+    MLPObjective,
+    activation_and_derivative,
+    refit_kept_weights,
+)
 from attnprune_opt.core.solver import AdamConfig, adam
 
 TOL = 1e-8
@@ -202,3 +207,26 @@ def test_bad_inputs_are_named(gen):
         AttentionOutputObjective(x, probs, dense, {"v": dense["v"] != 0}, head_dim=4)
     with pytest.raises(ValueError, match="attention probabilities"):
         AttentionOutputObjective(x, probs[:, :, :3], dense, {"v": dense["v"] != 0}, head_dim=HEAD_DIM)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "attention"])
+def test_refit_kept_weights_lowers_the_error_and_keeps_the_pattern(kind, gen):
+    objective = mlp_problem(gen)[0] if kind == "mlp" else attention_problem(gen)[0]
+    config = AdamConfig(iterations=40, lr=0.02, row_fraction=0.5, sequence_fraction=0.5, seed=3)
+    result = refit_kept_weights(objective, config, check_fraction=1.0)
+    start = objective.weights(objective.initial_params())
+    assert result.kept and result.error_after < result.error_before
+    assert result.error_before == pytest.approx(objective.squared_error(start) / objective.target_energy)
+    assert result.error_after == pytest.approx(objective.squared_error(result.weights) / objective.target_energy)
+    for name, weight in result.weights.items():
+        pruned = objective.keep[name] == 0
+        assert torch.equal(weight[pruned], torch.zeros_like(weight[pruned]))
+        assert not torch.signbit(weight[pruned]).any()  # +0.0, not -0.0
+    # a refit that cannot help (a step far too large) is dropped: the start's weights come back
+    worse = refit_kept_weights(objective, AdamConfig(iterations=3, lr=50.0, row_fraction=0.5, seed=3),
+                               check_fraction=1.0)
+    assert not worse.kept and worse.error_after > worse.error_before
+    for name, weight in worse.weights.items():
+        assert torch.equal(weight, start[name].masked_fill(objective.keep[name] == 0, 0.0))
+    with pytest.raises(ValueError, match="check_fraction"):
+        refit_kept_weights(objective, config, check_fraction=0.0)
