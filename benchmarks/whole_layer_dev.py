@@ -66,7 +66,10 @@ class Variant:
     qk: bool = False  # the existing q/k refit to the attention-probability loss
     vo: Refit | None = Refit()
     mlp: Refit | None = Refit()
-    targets: str = "dense"  # "dense": dense layer on dense inputs; "pruned": dense layer on pruned inputs
+    # "dense": the dense layer's sub-block outputs on the dense model's inputs; "pruned": on the pruned model's;
+    # "residual": what makes the residual stream match the dense model's after each sub-block (dense sub-block
+    # output on dense inputs plus the dense-minus-pruned residual stream entering it)
+    targets: str = "dense"
 
 
 VARIANTS = {
@@ -75,6 +78,7 @@ VARIANTS = {
     "wanda+vo+mlp": Variant(),
     "wanda+qk+vo+mlp": Variant(qk=True),
     "wanda+vo+mlp/pruned-targets": Variant(targets="pruned"),
+    "wanda+vo+mlp/residual-targets": Variant(targets="residual"),
     "sparsegpt+vo+mlp": Variant(pattern="sparsegpt"),
     "sparsegpt+vo+mlp/pruned-targets": Variant(pattern="sparsegpt", targets="pruned"),
     "wanda+vo+mlp 80 it": Variant(vo=Refit(80), mlp=Refit(80)),
@@ -148,10 +152,14 @@ def prune_layer(adapter, index: int, layer, pruned_in: list[LayerInput], dense_i
         with record_linear_inputs(linears, keep=["q_proj", "o_proj", "gate_proj", "down_proj"]) as on_pruned:
             run_layer(layer, pruned_in)
         dense_out = None
-        if variant.targets == "dense":
+        if variant.targets != "pruned":
             with record_linear_inputs(linears, keep=["o_proj", "down_proj"]) as on_dense:
                 dense_out = run_layer(layer, dense_in)
-        target_source = on_dense if variant.targets == "dense" else on_pruned
+        target_source = on_pruned if variant.targets == "pruned" else on_dense
+        drift = None  # dense minus pruned residual stream entering the layer
+        if variant.targets == "residual":
+            drift = [a - b for a, b in zip(stacked([item.hidden for item in dense_in]),
+                                           stacked([item.hidden for item in pruned_in]))]
         clock = log.lap("forward", clock)
 
         # (1) the pattern of every linear, from the pruned model's inputs (as the baselines do)
@@ -189,6 +197,8 @@ def prune_layer(adapter, index: int, layer, pruned_in: list[LayerInput], dense_i
                                                cos=cos.to(F32), sin=sin.to(F32), scaling=geometry.scaling)
                      for x in x_attn]
             targets = [t @ dense["o_proj"].T for t in stacked(target_source.tensors["o_proj"])]
+            if drift is not None:
+                targets = [t + e for t, e in zip(targets, drift)]
             objective = AttentionOutputObjective(
                 x_attn, probs, {"v": dense["v_proj"], "o": dense["o_proj"]},
                 {"v": keep["v_proj"], "o": keep["o_proj"]}, head_dim=geometry.head_dim,
@@ -202,10 +212,14 @@ def prune_layer(adapter, index: int, layer, pruned_in: list[LayerInput], dense_i
         if variant.mlp is not None:
             for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 linears[m].weight.data.copy_(apply_mask(weights[m], keep[m]))
-            with record_linear_inputs(linears, keep=["gate_proj"]) as after_attention:
+            with record_linear_inputs(linears, keep=["o_proj", "gate_proj"]) as after_attention:
                 run_layer(layer, pruned_in)
             clock = log.lap("forward", clock)
             targets = [t @ dense["down_proj"].T for t in stacked(target_source.tensors["down_proj"])]
+            if drift is not None:  # dense h_mid - pruned h_mid, with the pruned attention as now fitted
+                attention = [o @ weights["o_proj"].T - t @ dense["o_proj"].T for o, t in
+                             zip(stacked(after_attention.tensors["o_proj"]), stacked(on_dense.tensors["o_proj"]))]
+                targets = [t + e - a for t, e, a in zip(targets, drift, attention)]
             objective = MLPObjective(
                 stacked(after_attention.tensors["gate_proj"]),
                 {"gate": dense["gate_proj"], "up": dense["up_proj"], "down": dense["down_proj"]},
@@ -227,14 +241,16 @@ def prune_layer(adapter, index: int, layer, pruned_in: list[LayerInput], dense_i
     return pruned_out, dense_out, log
 
 
-def prune_whole_layer(model, tokenizer, variant: Variant, structure: str, seed: int = 0) -> list[LayerLog]:
+def prune_whole_layer(model, tokenizer, variant: Variant, structure: str, seed: int = 0,
+                      layers: int | None = None) -> list[LayerLog]:
+    """The method on every decoder layer (or the first ``layers``), in order."""
     adapter = get_adapter(model)
     sequences = load_calibration(CalibrationSpec(num_samples=8, seq_len=512), tokenizer).sequences
     with torch.no_grad():
         pruned = capture_layer_inputs(model, adapter.layers[0], sequences)
-    dense = pruned if variant.targets == "dense" else None
+    dense = None if variant.targets == "pruned" else pruned
     logs = []
-    for index, layer in enumerate(adapter.layers):
+    for index, layer in enumerate(adapter.layers[:layers]):
         pruned, dense, log = prune_layer(adapter, index, layer, pruned, dense, variant, structure,
                                          seed * 100_003 + index)
         logs.append(log)
@@ -304,8 +320,13 @@ def main() -> None:
     parser.add_argument("--c4-docs", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--overwrite", action="store_true", help="replace existing records of the same setting")
+    parser.add_argument("--smoke", action="store_true", help="prune the first two layers only; no scores, no output")
     args = parser.parse_args()
     n_m_of(args.structure) or sparsity_of(args.structure)  # a bad structure fails here, before any work
+    if args.smoke:
+        for name in args.only or VARIANTS:
+            prune_whole_layer(load_model().eval(), load_tokenizer(), VARIANTS[name], args.structure, layers=2)
+        return
     path = args.out / "whole_layer_dev.json"
     records = json.loads(path.read_text()) if path.exists() else []
     key = lambda r: (r["setting"], r["structure"], r["windows"], r["c4_docs"])  # noqa: E731
