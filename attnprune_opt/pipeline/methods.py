@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..config import AttentionSettings, PruneRule, SparseGPTSettings
 from ..core import (
+    AttentionSpec,
     FactoredAttentionObjective,
     InputStatistics,
     SolverConfig,
@@ -26,7 +27,6 @@ from ..core import (
 )
 from ..core.objective import KeptWeightsObjective
 from ..core.solver import AdamConfig, StepCallback, adam
-from ..models.adapters import AttentionGeometry
 
 SOLVE_DTYPE = torch.float32
 
@@ -34,11 +34,10 @@ SOLVE_DTYPE = torch.float32
 @dataclass
 class AttentionInputs:
     """What the method needs from one layer: the attention inputs X (one (1, n, d) tensor per calibration
-    sequence, positions 0..n-1) and RoPE tables (n_max, head_dim) for the longest of them."""
+    sequence, positions 0..n-1) and the attention's spec (RoPE tables for the longest of them)."""
 
     xs: list[Tensor]
-    cos: Tensor | None
-    sin: Tensor | None
+    spec: AttentionSpec
 
     def batches(self) -> list[Tensor]:
         """Sequences of equal length stacked into one batch each (attention never crosses sequences)."""
@@ -72,22 +71,21 @@ class _Layer:
     descent with fewer, larger matrix products.
     """
 
-    def __init__(self, weights: dict[str, Tensor], biases: dict[str, Tensor | None], inputs: AttentionInputs,
-                 geometry: AttentionGeometry, targets: tuple[str, ...], lam: float) -> None:
-        self.geometry = geometry
+    def __init__(self, weights: dict[str, Tensor], inputs: AttentionInputs, targets: tuple[str, ...],
+                 lam: float) -> None:
         self.targets = targets  # "q_proj" and/or "k_proj"
         self.dense = {name: weights[name].to(SOLVE_DTYPE) for name in ("q_proj", "k_proj")}
-        self.biases = {name: _as_solve(biases.get(name)) for name in ("q_proj", "k_proj")}
         self.batches = inputs.batches()
-        self.rope = {"cos": _as_solve(inputs.cos), "sin": _as_solve(inputs.sin)}
+        self.spec = inputs.spec.to(SOLVE_DTYPE)
+        self.head_dim = self.spec.head_dim
+        self.kv_heads = self.dense["k_proj"].shape[0] // self.head_dim
         self.lam = lam
         self.objective = self._objective(slice(None), slice(None))
 
     def _objective(self, q_rows: slice, k_rows: slice) -> FactoredAttentionObjective:
+        spec = self.spec if q_rows == slice(None) else self.spec.group_rows(q_rows, k_rows)
         return FactoredAttentionObjective(
-            self.batches, self.dense["q_proj"][q_rows], self.dense["k_proj"][k_rows],
-            head_dim=self.geometry.head_dim, **self.rope, q_bias=_rows(self.biases["q_proj"], q_rows),
-            k_bias=_rows(self.biases["k_proj"], k_rows), scaling=self.geometry.scaling, lam=self.lam,
+            self.batches, self.dense["q_proj"][q_rows], self.dense["k_proj"][k_rows], spec, lam=self.lam,
             optimize=tuple(name[0] for name in self.targets))
 
     def error(self, weights: dict[str, Tensor]) -> float:
@@ -96,10 +94,15 @@ class _Layer:
         return self.objective.squared_error(full["q_proj"], full["k_proj"]) / self.objective.target_energy
 
     def descent(self, solver: SolverConfig) -> tuple[dict[str, Tensor], int]:
-        """Algorithm 1 per KV group: the relaxed masks M_T assembled over the whole matrices."""
+        """Algorithm 1 per KV group (all heads at once when a norm couples them): the relaxed masks M_T assembled
+        over the whole matrices."""
+        if not self.spec.heads_separate:
+            result = solve(self.objective, solver)
+            return dict(zip(self.targets, result.masks)), result.iterations
         relaxed = {name: torch.ones_like(self.dense[name]) for name in self.targets}
-        iterations, head_dim, q_rows = 0, self.geometry.head_dim, self.geometry.group_size * self.geometry.head_dim
-        for g in range(self.geometry.num_kv_heads):
+        head_dim = self.head_dim
+        iterations, q_rows = 0, self.dense["q_proj"].shape[0] // self.kv_heads
+        for g in range(self.kv_heads):
             rows = {"q_proj": slice(g * q_rows, (g + 1) * q_rows), "k_proj": slice(g * head_dim, (g + 1) * head_dim)}
             result = solve(self._objective(rows["q_proj"], rows["k_proj"]), solver)
             for name, mask in zip(self.targets, result.masks):
@@ -134,9 +137,7 @@ def refit_config(settings: AttentionSettings, seed: int) -> AdamConfig:
 
 def prune_attention(
     weights: dict[str, Tensor],
-    biases: dict[str, Tensor | None],
     inputs: AttentionInputs,
-    geometry: AttentionGeometry,
     rules: dict[str, PruneRule],
     settings: AttentionSettings,
     sparsegpt_settings: SparseGPTSettings = SparseGPTSettings(),
@@ -150,11 +151,11 @@ def prune_attention(
     """
     start_time = time.perf_counter()
     targets = tuple(name for name in ("q_proj", "k_proj") if name in rules)
-    layer = _Layer(weights, biases, inputs, geometry, targets, settings.lam)
+    layer = _Layer(weights, inputs, targets, settings.lam)
     descent_iterations = 0
 
     def keep_top(scores: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {name: _keep(scores[name], rules[name], settings, geometry) for name in targets}
+        return {name: _keep(scores[name], rules[name], settings, layer.head_dim) for name in targets}
 
     start = layer.dense
     if settings.mask == "magnitude":
@@ -197,10 +198,10 @@ def apply_mask(weight: Tensor, keep: Tensor) -> Tensor:
     return weight.masked_fill(~keep, 0.0)
 
 
-def _keep(scores: Tensor, rule: PruneRule, settings: AttentionSettings, geometry: AttentionGeometry) -> Tensor:
+def _keep(scores: Tensor, rule: PruneRule, settings: AttentionSettings, head_dim: int) -> Tensor:
     if rule.n_m is not None:
         return n_m_mask(scores, *rule.n_m)
-    return topk_mask(scores, rule.sparsity, settings.group, rows_per_group=geometry.head_dim)
+    return topk_mask(scores, rule.sparsity, settings.group, rows_per_group=head_dim)
 
 
 def _input_statistics(inputs: AttentionInputs, hessian: bool) -> InputStatistics:
@@ -231,9 +232,3 @@ def prune_linear(weight: Tensor, rule: PruneRule, stats: InputStatistics | None,
     raise ValueError(f"{rule.method!r} is not a linear pruning method")
 
 
-def _as_solve(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.to(SOLVE_DTYPE)
-
-
-def _rows(t: Tensor | None, rows: slice) -> Tensor | None:
-    return None if t is None else t[rows]
