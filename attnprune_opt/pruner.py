@@ -65,7 +65,7 @@ class AttentionPruner:
         check_positions(self.config, model, max(len(s) for s in calib.sequences))
         check_config_fits(self.config, adapter, model)
         with evaluating(model), torch.no_grad():
-            inputs = capture_layer_inputs(model, adapter.layers(model)[0], calib.sequences)
+            inputs = capture_layer_inputs(model, adapter.layers(model), calib.sequences)
             layers = prune_layers(adapter, model, inputs, self.config, progress=progress)
         self.tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         self.report = PruneReport(

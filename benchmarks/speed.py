@@ -60,9 +60,9 @@ def _timed(fn, repeats: int = 5) -> float:
 
 def _setup(data: LayerData) -> tuple[_Layer, dict, dict]:
     rules = {name: PruneRule(modules=(name,), method="attention", sparsity=SPARSITY) for name in TARGETS}
-    layer = _Layer(data.weights, data.biases, data.calibration, data.geometry, TARGETS, DEFAULTS.lam)
+    layer = _Layer(data.weights, data.calibration, TARGETS, DEFAULTS.lam)
     norms = _input_statistics(data.calibration, hessian=False).column_norms.float()
-    keep = {n: _keep(layer.dense[n].abs() * norms, rules[n], DEFAULTS, data.geometry) for n in TARGETS}
+    keep = {n: _keep(layer.dense[n].abs() * norms, rules[n], DEFAULTS, layer.head_dim) for n in TARGETS}
     return layer, keep, {n: apply_mask(layer.dense[n], keep[n]) for n in TARGETS}
 
 
@@ -72,7 +72,7 @@ def parts(data: LayerData) -> dict[str, float]:
     rules = {name: PruneRule(modules=(name,), method="attention", sparsity=SPARSITY) for name in TARGETS}
     timings = {"capture": data.capture_seconds,
                "pattern": _timed(lambda: {n: _keep(layer.dense[n].abs() * _input_statistics(
-                   data.calibration, hessian=False).column_norms.float(), rules[n], DEFAULTS, data.geometry)
+                   data.calibration, hessian=False).column_norms.float(), rules[n], DEFAULTS, layer.head_dim)
                    for n in TARGETS}),
                "error evaluation": _timed(lambda: layer.error(pattern), repeats=2)}
     kept = layer.kept_objective(pattern, keep)

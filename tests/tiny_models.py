@@ -53,7 +53,7 @@ def assert_adapter_recomputes_attention(model, ids: torch.Tensor, atol: float) -
     layers = adapter.layers(model)
     with torch.no_grad():
         reference = model(ids[None], output_attentions=True).attentions
-        inputs = capture_layer_inputs(model, layers[0], [ids])
+        inputs = capture_layer_inputs(model, layers, [ids])
         for index, layer in enumerate(layers):
             q, k = (adapter.prunable(index, role) for role in ("q_proj", "k_proj"))
             with record_linear_inputs({"q": layer.get_submodule(q.module)}, keep=["q"]) as recorded:

@@ -78,7 +78,7 @@ def attention_error(
 
     per_head: list[list[float]] = []
     with evaluating(dense_model), evaluating(pruned_model), torch.no_grad():
-        inputs = capture_layer_inputs(dense_model, dense_layers[0], documents)
+        inputs = capture_layer_inputs(dense_model, dense_layers, documents)
         for index in tqdm(range(len(dense_layers)), desc="attention error", unit="layer", disable=not progress):
             errors, inputs = _layer_errors(dense, pruned, dense_layers[index], pruned_layers[index], index, inputs)
             per_head.append(errors)

@@ -26,12 +26,14 @@ ATTENTION_ROLES = ("q_proj", "k_proj")
 class Prunable:
     """One prunable matrix of a decoder layer: rows ``rows`` (ranges of a fused weight; None: every row) of the
     parameter ``parameter`` of the submodule ``module`` (a path inside the layer), in nn.Linear layout (out, in).
-    Several prunables may share one stored tensor (Phi-3's qkv_proj holds q, k and v)."""
+    Several prunables may share one stored tensor (Phi-3's qkv_proj holds q, k and v); ``expert`` indexes the
+    first dimension of a stacked (experts, out, in) parameter (mixture-of-experts MLPs)."""
 
     role: str
     module: str
     rows: tuple[tuple[int, int], ...] | None = None
     parameter: str = "weight"
+    expert: int | None = None
 
     @property
     def tensor(self) -> str:
@@ -41,7 +43,9 @@ class Prunable:
     @property
     def label(self) -> str:
         """How reports and the manifest name this matrix inside its tensor."""
-        return self.tensor if self.rows is None else f"{self.tensor}[{self.role}]"
+        where = [str(self.expert)] if self.expert is not None else []
+        where += [self.role] if self.rows is not None else []
+        return f"{self.tensor}[{'.'.join(where)}]" if where else self.tensor
 
     def row_index(self, device: torch.device | str | None = None) -> Tensor | None:
         if self.rows is None:
@@ -49,16 +53,19 @@ class Prunable:
         return torch.cat([torch.arange(start, stop, device=device) for start, stop in self.rows])
 
     def read(self, weight: Tensor) -> Tensor:
-        """This matrix, out of its (possibly fused) stored tensor."""
+        """This matrix, out of its (possibly fused or stacked) stored tensor."""
+        matrix = weight if self.expert is None else weight[self.expert]
         index = self.row_index(weight.device)
-        return weight if index is None else weight.index_select(0, index)
+        return matrix if index is None else matrix.index_select(0, index)
 
     def write(self, weight: Tensor, value: Tensor) -> Tensor:
         """The stored tensor with this matrix replaced by ``value`` (a new tensor; ``weight`` is left alone)."""
+        value = value.to(weight.dtype)
         index = self.row_index(weight.device)
-        if index is None:
-            return value.to(weight.dtype)
-        return weight.index_copy(0, index, value.to(weight.dtype))
+        if self.expert is None:
+            return value if index is None else weight.index_copy(0, index, value)
+        matrix = value if index is None else weight[self.expert].index_copy(0, index, value)
+        return weight.index_copy(0, torch.tensor([self.expert], device=weight.device), matrix.unsqueeze(0))
 
 
 class DecoderAdapter:
