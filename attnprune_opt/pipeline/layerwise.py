@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 from ..config import PrunerConfig, PruneRule
 from ..errors import CalibrationDataError, ConfigError, NonFiniteWeightsError
 from ..models.base import ATTENTION_ROLES, DecoderAdapter, read_matrix, write_matrices
+from ..methods.attention import AttentionInputs, AttentionResult, prune_attention
+from ..methods.base import method
 from .capture import LayerInput, check_finite, record_linear_inputs, run_layer
-from .methods import AttentionInputs, AttentionResult, prune_attention, prune_linear
 
 
 @dataclass
@@ -142,7 +143,7 @@ def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: 
     start = time.perf_counter()
     prunables = {p.role: p for p in adapter.prunables(index)}
     rules = {role: rule for role in prunables if (rule := config.rule_for(role)) is not None}
-    attention_rules = {m: r for m, r in rules.items() if r.method == "attention"}
+    attention_rules = {m: r for m, r in rules.items() if method(r.method).joint}
     for role in rules:
         matrix = read_matrix(layer, prunables[role])
         if not torch.isfinite(matrix).all():
@@ -154,8 +155,8 @@ def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: 
 
     modules = {p.module: layer.get_submodule(p.module) for p in prunables.values()}
     keep = inputs_of(["q_proj"]) if attention_rules else []
-    hessian = inputs_of([m for m, r in rules.items() if r.method == "sparsegpt"])
-    norms = inputs_of([m for m, r in rules.items() if r.method == "wanda"])
+    hessian = inputs_of([m for m, r in rules.items() if method(r.method).statistic == "hessian"])
+    norms = inputs_of([m for m, r in rules.items() if method(r.method).statistic == "norms"])
     with record_linear_inputs(modules, keep=keep, hessian=hessian, norms=norms) as recorded:
         dense_outputs = run_layer(layer, inputs)
     if not check_finite([o.hidden for o in dense_outputs]):
@@ -170,9 +171,9 @@ def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: 
                                            result.refit_kept, result.seconds)
         pruned.update(result.weights)
     for role, rule in rules.items():
-        if rule.method != "attention":
+        if role not in attention_rules:
             stats = recorded.stats.get(prunables[role].module)
-            pruned[role] = prune_linear(read_matrix(layer, prunables[role]), rule, stats, config.sparsegpt)
+            pruned[role] = method(rule.method).prune_matrix(read_matrix(layer, prunables[role]), rule, stats, config)
     write_matrices(layer, {prunables[role]: weight for role, weight in pruned.items()})
     for role, rule in rules.items():
         report.modules[role] = _measure(read_matrix(layer, prunables[role]), rule)
