@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .config import PrunerConfig
 from .data import CalibrationSet, CalibrationSpec, load_calibration
 from .errors import CalibrationDataError, ConfigError
-from .models.adapters import get_adapter
+from .models.registry import get_adapter
 from .models.loading import SOURCE_ATTR
 from .models.offload import evaluating
 from .pipeline.capture import capture_layer_inputs
@@ -63,14 +63,14 @@ class AttentionPruner:
         adapter = get_adapter(model)
         calib = self._calibration(model, tokenizer, calibration)
         check_positions(self.config, model, max(len(s) for s in calib.sequences))
-        check_config_fits(self.config, adapter, max(len(s) for s in calib.sequences))
+        check_config_fits(self.config, adapter, model)
         with evaluating(model), torch.no_grad():
-            inputs = capture_layer_inputs(model, adapter.layers[0], calib.sequences)
-            layers = prune_layers(adapter, inputs, self.config, progress=progress)
+            inputs = capture_layer_inputs(model, adapter.layers(model), calib.sequences)
+            layers = prune_layers(adapter, model, inputs, self.config, progress=progress)
         self.tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         self.report = PruneReport(
             model={**(getattr(model, SOURCE_ATTR, None) or {"source": None, "name": type(model).__name__}),
-                   "model_type": model.config.model_type, "num_layers": len(adapter.layers)},
+                   "model_type": model.config.model_type, "num_layers": adapter.num_layers},
             calibration=calib.provenance(), layers=layers, seconds=time.perf_counter() - start,
             cpu_seconds=time.process_time() - start_cpu,
             peak_rss_mb=peak_rss_mb())

@@ -29,14 +29,17 @@ from pathlib import Path
 import torch
 
 from attnprune_opt.atomic import atomic_output_dir, check_output_dir
-from attnprune_opt.config import AttentionSettings, PruneRule, SparseGPTSettings
+from attnprune_opt.config import PruneRule
+from attnprune_opt.methods.attention import AttentionSettings
+from attnprune_opt.methods.sparsegpt import SparseGPTSettings
 from attnprune_opt.core import InputStatistics, magnitude_mask, multihead_attention_probs, sparsegpt, wanda_mask
 from attnprune_opt.data import CalibrationSpec, load_calibration
 from attnprune_opt.evaluation.perplexity import c4_perplexity, wikitext2_perplexity
-from attnprune_opt.models.adapters import get_adapter
+from attnprune_opt.models.base import read_matrix
+from attnprune_opt.models.registry import get_adapter
 from attnprune_opt.models.loading import load_model, load_tokenizer
 from attnprune_opt.pipeline.capture import capture_layer_inputs, record_linear_inputs, run_layer
-from attnprune_opt.pipeline.methods import AttentionInputs, prune_attention
+from attnprune_opt.methods.attention import AttentionInputs, prune_attention
 from attnprune_opt.pruner import AttentionPruner
 
 SPARSITY = 0.5
@@ -46,10 +49,8 @@ DEV_ROWS = (1128, 1500)
 @dataclass
 class LayerData:
     weights: dict[str, torch.Tensor]
-    biases: dict[str, torch.Tensor | None]
     calibration: AttentionInputs
     development: AttentionInputs
-    geometry: object
     capture_seconds: float = 0.0  # the dense layer's forward over the calibration set, q_proj inputs recorded
 
 
@@ -65,9 +66,9 @@ def capture(layers: list[int]) -> dict[int, LayerData]:
     found: dict[int, dict] = {index: {} for index in layers}
     with torch.no_grad():
         for name, sequences in sets.items():
-            inputs = capture_layer_inputs(model, adapter.layers[0], sequences)
-            for index, layer in enumerate(adapter.layers[: max(layers) + 1]):
-                q_proj = adapter.linear(layer, "q_proj")
+            inputs = capture_layer_inputs(model, adapter.layers(model), sequences)
+            for index, layer in enumerate(adapter.layers(model)[: max(layers) + 1]):
+                q_proj = layer.get_submodule(adapter.prunable(index, "q_proj").module)
                 start = time.perf_counter()
                 with record_linear_inputs({"q_proj": q_proj}, keep=["q_proj"]) as recorded:
                     outputs = run_layer(layer, inputs)
@@ -76,24 +77,19 @@ def capture(layers: list[int]) -> dict[int, LayerData]:
                         found[index]["capture_seconds"] = time.perf_counter() - start
                     longest = max(inputs, key=lambda item: item.hidden.shape[1])
                     found[index][name] = AttentionInputs(recorded.tensors["q_proj"],
-                                                         *adapter.rope_tables(longest.kwargs))
-                    attn = layer.self_attn
-                    found[index]["weights"] = {"q_proj": attn.q_proj.weight.clone(),
-                                               "k_proj": attn.k_proj.weight.clone()}
-                    found[index]["biases"] = {"q_proj": attn.q_proj.bias, "k_proj": attn.k_proj.bias}
-                    found[index]["geometry"] = adapter.geometry(layer)
+                                                         adapter.attention_spec(layer, index, longest.kwargs))
+                    found[index]["weights"] = {role: read_matrix(layer, adapter.prunable(index, role))
+                                               for role in ("q_proj", "k_proj")}
                 inputs = outputs
     return {index: LayerData(**data) for index, data in found.items()}
 
 
 def attention_error(data: LayerData, weights: dict[str, torch.Tensor], split: str) -> float:
     inputs: AttentionInputs = getattr(data, split)
-    g = data.geometry
     numerator = denominator = 0.0
     for x in inputs.batches():
-        common = dict(head_dim=g.head_dim, cos=inputs.cos, sin=inputs.sin, scaling=g.scaling)
-        dense = multihead_attention_probs(x, data.weights["q_proj"], data.weights["k_proj"], **common)
-        pruned = multihead_attention_probs(x, weights["q_proj"].float(), weights["k_proj"].float(), **common)
+        dense = multihead_attention_probs(x, data.weights["q_proj"], data.weights["k_proj"], inputs.spec)
+        pruned = multihead_attention_probs(x, weights["q_proj"].float(), weights["k_proj"].float(), inputs.spec)
         numerator += float((pruned - dense).pow(2).sum())
         denominator += float(dense.pow(2).sum())
     return numerator / denominator
@@ -149,7 +145,7 @@ def run(layers: list[int], quick: bool) -> list[dict]:
                             "calibration": attention_error(layer, weights, "calibration")})
         for name, settings in candidates(quick).items():
             start = time.perf_counter()
-            result = prune_attention(layer.weights, layer.biases, layer.calibration, layer.geometry, rules,
+            result = prune_attention(layer.weights, layer.calibration, rules,
                                      settings, SparseGPTSettings())
             records.append({"layer": index, "setting": name, "kind": "method", "settings": settings.model_dump(),
                             "seconds": time.perf_counter() - start,

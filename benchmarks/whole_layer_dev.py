@@ -30,16 +30,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from attnprune_opt.config import AttentionSettings, PruneRule
+from attnprune_opt.config import PruneRule
 from attnprune_opt.core import InputStatistics, multihead_attention_probs, sparsegpt, wanda_mask
 from attnprune_opt.core.layer_objective import AttentionOutputObjective, MLPObjective, refit_kept_weights
 from attnprune_opt.core.solver import AdamConfig
 from attnprune_opt.data import CalibrationSpec, load_calibration
 from attnprune_opt.evaluation.perplexity import c4_perplexity, wikitext2_perplexity
-from attnprune_opt.models.adapters import get_adapter
+from attnprune_opt.methods.attention import AttentionInputs, AttentionSettings, prune_attention
+from attnprune_opt.methods.magnitude import apply_mask
 from attnprune_opt.models.loading import load_model, load_tokenizer
+from attnprune_opt.models.registry import get_adapter
 from attnprune_opt.pipeline.capture import LayerInput, capture_layer_inputs, record_linear_inputs, run_layer
-from attnprune_opt.pipeline.methods import AttentionInputs, apply_mask, prune_attention
 from attnprune_opt.pruner import AttentionPruner
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -84,6 +85,9 @@ VARIANTS = {
     "wanda+vo+mlp 80 it": Variant(vo=Refit(80), mlp=Refit(80)),
     "wanda+vo+mlp 20 it": Variant(vo=Refit(20), mlp=Refit(20)),
     "wanda+vo+mlp lr 0.02": Variant(vo=Refit(lr=0.02), mlp=Refit(lr=0.02)),
+    "wanda+vo+mlp 60 it lr 0.02": Variant(vo=Refit(60, lr=0.02), mlp=Refit(60, lr=0.02)),
+    "wanda+vo+mlp/residual-targets 60 it lr 0.02": Variant(vo=Refit(60, lr=0.02), mlp=Refit(60, lr=0.02),
+                                                           targets="residual"),
     "wanda+vo+mlp rows 1/16 all seqs": Variant(vo=Refit(row_fraction=1 / 16, sequence_fraction=1.0),
                                                mlp=Refit(row_fraction=1 / 16, sequence_fraction=1.0)),
 }
@@ -122,7 +126,7 @@ def sparsity_of(structure: str) -> float:
 def stacked(tensors: list[Tensor]) -> list[Tensor]:
     """One (b, n, d) batch per sequence length (calibration documents can be shorter than seq_len), in the order
     of ``AttentionInputs.batches``."""
-    return AttentionInputs(tensors, None, None).batches()
+    return AttentionInputs(tensors, None).batches()
 
 
 def statistics(xs: list[Tensor], hessian: bool) -> InputStatistics:
@@ -146,7 +150,7 @@ def prune_layer(adapter, index: int, layer, pruned_in: list[LayerInput], dense_i
     start_time = clock = time.process_time()
     log = LayerLog(index, 0.0)
     n_m, sparsity = n_m_of(structure), sparsity_of(structure)
-    linears = {m: adapter.linear(layer, m) for m in MODULES}
+    linears = {m: layer.get_submodule(adapter.prunable(index, m).module) for m in MODULES}
     dense = {m: linears[m].weight.detach().clone().to(F32) for m in MODULES}
     with torch.no_grad():
         with record_linear_inputs(linears, keep=["q_proj", "o_proj", "gate_proj", "down_proj"]) as on_pruned:
@@ -178,14 +182,12 @@ def prune_layer(adapter, index: int, layer, pruned_in: list[LayerInput], dense_i
 
         # (2) q/k: the existing refit to the attention-probability loss
         longest = max(pruned_in, key=lambda item: item.hidden.shape[1])
-        cos, sin = adapter.rope_tables(longest.kwargs)
-        geometry = adapter.geometry(layer)
+        spec = adapter.attention_spec(layer, index, longest.kwargs).to(F32)
         x_attn = stacked(inputs["q_proj"])
         if variant.qk:
             rules = {m: PruneRule(modules=(m,), method="attention", **rule_kwargs(structure))
                      for m in ("q_proj", "k_proj")}
-            result = prune_attention({m: dense[m] for m in rules}, {m: None for m in rules},
-                                     AttentionInputs(inputs["q_proj"], cos, sin), geometry, rules,
+            result = prune_attention({m: dense[m] for m in rules}, AttentionInputs(inputs["q_proj"], spec), rules,
                                      AttentionSettings(mask=variant.pattern), seed=seed)
             weights.update(result.weights)
             log.errors["qk_before"], log.errors["qk_after"] = result.error_mask, result.error_final
@@ -193,15 +195,13 @@ def prune_layer(adapter, index: int, layer, pruned_in: list[LayerInput], dense_i
 
         # (3) v/o against the attention sub-block's output, with the pruned q/k's probabilities
         if variant.vo is not None:
-            probs = [multihead_attention_probs(x, weights["q_proj"], weights["k_proj"], head_dim=geometry.head_dim,
-                                               cos=cos.to(F32), sin=sin.to(F32), scaling=geometry.scaling)
-                     for x in x_attn]
+            probs = [multihead_attention_probs(x, weights["q_proj"], weights["k_proj"], spec) for x in x_attn]
             targets = [t @ dense["o_proj"].T for t in stacked(target_source.tensors["o_proj"])]
             if drift is not None:
                 targets = [t + e for t, e in zip(targets, drift)]
             objective = AttentionOutputObjective(
                 x_attn, probs, {"v": dense["v_proj"], "o": dense["o_proj"]},
-                {"v": keep["v_proj"], "o": keep["o_proj"]}, head_dim=geometry.head_dim,
+                {"v": keep["v_proj"], "o": keep["o_proj"]}, head_dim=spec.head_dim,
                 start={"v": weights["v_proj"], "o": weights["o_proj"]}, targets=targets)
             fitted = refit(objective, variant.vo, seed, log, "vo")
             weights["v_proj"], weights["o_proj"] = fitted["v"], fitted["o"]
@@ -247,10 +247,10 @@ def prune_whole_layer(model, tokenizer, variant: Variant, structure: str, seed: 
     adapter = get_adapter(model)
     sequences = load_calibration(CalibrationSpec(num_samples=8, seq_len=512), tokenizer).sequences
     with torch.no_grad():
-        pruned = capture_layer_inputs(model, adapter.layers[0], sequences)
+        pruned = capture_layer_inputs(model, adapter.layers(model), sequences)
     dense = None if variant.targets == "pruned" else pruned
     logs = []
-    for index, layer in enumerate(adapter.layers[:layers]):
+    for index, layer in enumerate(adapter.layers(model)[:layers]):
         pruned, dense, log = prune_layer(adapter, index, layer, pruned, dense, variant, structure,
                                          seed * 100_003 + index)
         logs.append(log)

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from attnprune_opt.core import (
+    AttentionSpec,
     FactoredAttentionObjective,
     FusedAttentionObjective,
+    RMSNormSpec,
     apply_rotary,
     apply_rotary_transpose,
     attention_matrix,
@@ -62,13 +64,13 @@ def test_factored_gradient_matches_autograd(causal, lam, heads, kv_heads, rope, 
     bk = torch.randn(kv_heads * head_dim, dtype=F64, generator=gen)
     cos, sin = rope_tables(n + 3, head_dim, factor=1.2) if rope else (None, None)  # a scaled RoPE variant
     common = dict(head_dim=head_dim, cos=cos, sin=sin, q_bias=bq, k_bias=bk, causal=causal)
-    objective = FactoredAttentionObjective(x, wq, wk, lam=lam, chunk_size=2, **common)
+    objective = FactoredAttentionObjective(x, wq, wk, AttentionSpec(**common), lam=lam, chunk_size=2)
     mq = torch.rand(wq.shape, dtype=F64, generator=gen).requires_grad_()
     mk = torch.rand(wk.shape, dtype=F64, generator=gen).requires_grad_()
     value, (gq, gk) = objective.loss_and_grad((mq.detach(), mk.detach()))
 
-    probs = multihead_attention_probs(x, mq * wq, mk * wk, **common)
-    target = multihead_attention_probs(x, wq, wk, **common)
+    probs = multihead_attention_probs(x, mq * wq, mk * wk, AttentionSpec(**common))
+    target = multihead_attention_probs(x, wq, wk, AttentionSpec(**common))
     penalty = (mq.pow(2).sum() + mk.pow(2).sum()) / (wq.numel() + wk.numel())
     loss = 0.5 * (probs - target).pow(2).sum() / (batch * n * heads) + 0.5 * lam * penalty
     loss.backward()
@@ -78,16 +80,52 @@ def test_factored_gradient_matches_autograd(causal, lam, heads, kv_heads, rope, 
     assert rel(gk, mk.grad) < TOL
 
 
+@pytest.mark.parametrize("variant", ["qk_norm_per_head", "qk_norm_all_heads", "partial_rotary", "softcap",
+                                     "window", "all"])
+def test_factored_gradient_with_family_features(variant, gen):
+    """The attention variants of model families (docs/method.md section 6) keep the closed-form gradient exact."""
+    heads, kv_heads, head_dim, d, n, batch = 4, 2, 8, 10, 9, 2
+    x = torch.randn(batch, n, d, dtype=F64, generator=gen)
+    wq = torch.randn(heads * head_dim, d, dtype=F64, generator=gen) * 0.5
+    wk = torch.randn(kv_heads * head_dim, d, dtype=F64, generator=gen) * 0.5
+    every = variant == "all"
+    spec = {"head_dim": head_dim, "scaling": 0.3}
+    if variant in ("qk_norm_per_head", "all"):
+        spec["q_norm"] = RMSNormSpec(1 + torch.rand(head_dim, dtype=F64, generator=gen), 1e-6)
+        spec["k_norm"] = RMSNormSpec(1 + torch.rand(head_dim, dtype=F64, generator=gen), 1e-6)
+    if variant == "qk_norm_all_heads":
+        spec["q_norm"] = RMSNormSpec(1 + torch.rand(heads * head_dim, dtype=F64, generator=gen), 1e-5, False)
+        spec["k_norm"] = RMSNormSpec(1 + torch.rand(kv_heads * head_dim, dtype=F64, generator=gen), 1e-5, False)
+    cos, sin = rope_tables(n, 4 if variant in ("partial_rotary", "all") else head_dim)
+    spec.update(cos=cos, sin=sin, softcap=2.0 if variant in ("softcap", "all") else None,
+                window=3 if variant in ("window", "all") else None)
+    spec = AttentionSpec(**spec)
+    objective = FactoredAttentionObjective(x, wq, wk, spec)
+    mq = torch.rand(wq.shape, dtype=F64, generator=gen).requires_grad_()
+    mk = torch.rand(wk.shape, dtype=F64, generator=gen).requires_grad_()
+    value, (gq, gk) = objective.loss_and_grad((mq.detach(), mk.detach()))
+    probs = multihead_attention_probs(x, mq * wq, mk * wk, spec)
+    target = multihead_attention_probs(x, wq, wk, spec)
+    loss = 0.5 * (probs - target).pow(2).sum() / (batch * n * heads)
+    loss.backward()
+    assert abs(value - loss.item()) <= TOL * abs(loss.item())
+    assert rel(gq, mq.grad) < TOL and rel(gk, mk.grad) < TOL
+    if spec.window is not None:  # query 5 sees keys 3, 4, 5 only
+        assert (probs[:, :, 5, :3] == 0).all() and (probs[:, :, 5, 3:6] > 0).all()
+    if every:
+        assert not torch.allclose(probs, multihead_attention_probs(x, mq * wq, mk * wk, AttentionSpec(head_dim)))
+
+
 def test_factored_gradient_with_one_side_optimised(gen):
     head_dim, d, n = 4, 8, 6
     x = torch.randn(2, n, d, dtype=F64, generator=gen)
     wq = torch.randn(2 * head_dim, d, dtype=F64, generator=gen)
     wk = torch.randn(head_dim, d, dtype=F64, generator=gen)
-    objective = FactoredAttentionObjective(x, wq, wk, head_dim=head_dim, lam=0.2, optimize=("k",), normalize=False)
+    objective = FactoredAttentionObjective(x, wq, wk, AttentionSpec(head_dim), lam=0.2, optimize=("k",), normalize=False)
     mk = torch.rand(wk.shape, dtype=F64, generator=gen).requires_grad_()
     value, (gk,) = objective.loss_and_grad((mk.detach(),))
-    probs = multihead_attention_probs(x, wq, mk * wk, head_dim=head_dim)
-    target = multihead_attention_probs(x, wq, wk, head_dim=head_dim)
+    probs = multihead_attention_probs(x, wq, mk * wk, AttentionSpec(head_dim))
+    target = multihead_attention_probs(x, wq, wk, AttentionSpec(head_dim))
     loss = 0.5 * (probs - target).pow(2).sum() + 0.1 * mk.pow(2).sum()
     loss.backward()
     assert rel(gk, mk.grad) < TOL
@@ -100,7 +138,7 @@ def test_factored_single_head_equals_fused_form(gen):
     wq = torch.randn(k, d, dtype=F64, generator=gen)
     wk = torch.randn(k, d, dtype=F64, generator=gen)
     fused = attention_matrix(x, wq.T @ wk, scaling=k**-0.5)
-    factored = multihead_attention_probs(x.unsqueeze(0), wq, wk, head_dim=k)[0, 0]
+    factored = multihead_attention_probs(x.unsqueeze(0), wq, wk, AttentionSpec(k))[0, 0]
     assert torch.allclose(fused, factored, rtol=0, atol=1e-12)
 
 
@@ -118,9 +156,9 @@ def test_objective_rejects_bad_shapes(gen):
     with pytest.raises(ValueError, match="square"):
         FusedAttentionObjective(x, torch.randn(6, 5, dtype=F64))
     with pytest.raises(ValueError, match="head_dim"):
-        FactoredAttentionObjective(x, torch.randn(10, 6, dtype=F64), torch.randn(8, 6, dtype=F64), head_dim=4)
+        FactoredAttentionObjective(x, torch.randn(10, 6, dtype=F64), torch.randn(8, 6, dtype=F64), AttentionSpec(4))
     with pytest.raises(ValueError, match="grouped"):
-        FactoredAttentionObjective(x, torch.randn(12, 6, dtype=F64), torch.randn(8, 6, dtype=F64), head_dim=4)
+        FactoredAttentionObjective(x, torch.randn(12, 6, dtype=F64), torch.randn(8, 6, dtype=F64), AttentionSpec(4))
     with pytest.raises(ValueError, match="no calibration"):
         FusedAttentionObjective([], torch.randn(6, 6, dtype=F64))
 
@@ -132,7 +170,7 @@ def sampled_problem(gen, causal=True):
     wk = torch.randn(2 * head_dim, d, dtype=F64, generator=gen) * 0.5
     cos, sin = rope_tables(9, head_dim)
     common = dict(head_dim=head_dim, cos=cos, sin=sin, causal=causal)
-    return FactoredAttentionObjective(xs, wq, wk, **common), common
+    return FactoredAttentionObjective(xs, wq, wk, AttentionSpec(**common)), common
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -147,8 +185,8 @@ def test_sampled_rows_value_and_gradient_match_autograd(causal, gen):
     loss = 0.0
     for part in sample.parts:
         x = objective.batches[part.batch][part.sequences]
-        probs = multihead_attention_probs(x, wq, wk, **common)[:, :, part.rows]
-        target = multihead_attention_probs(x, objective.q_weight, objective.k_weight, **common)[:, :, part.rows]
+        probs = multihead_attention_probs(x, wq, wk, AttentionSpec(**common))[:, :, part.rows]
+        target = multihead_attention_probs(x, objective.q_weight, objective.k_weight, AttentionSpec(**common))[:, :, part.rows]
         loss = loss + part.weight * 0.5 * (probs - target).pow(2).sum()
     loss = loss * objective.weights.data
     loss.backward()

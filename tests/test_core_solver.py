@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from attnprune_opt.core import (
+    AttentionSpec,
     FactoredAttentionObjective,
     FusedAttentionObjective,
     SolverConfig,
@@ -29,7 +30,7 @@ def factored_problem(seed: int = 0, dtype=torch.float32):
     x = torch.randn(2, 24, 16, dtype=dtype, generator=g)
     wq = torch.randn(8, 16, dtype=dtype, generator=g) / 4
     wk = torch.randn(4, 16, dtype=dtype, generator=g) / 4
-    return FactoredAttentionObjective(x, wq, wk, head_dim=4, lam=0.1)
+    return FactoredAttentionObjective(x, wq, wk, AttentionSpec(4), lam=0.1)
 
 
 def test_line_search_descent_is_monotone_and_converges():

@@ -18,6 +18,7 @@ from attnprune_opt.errors import (
     RecipeError,
     UnsupportedArchitectureError,
 )
+from attnprune_opt.models.registry import get_adapter
 from tiny_models import QK_ONLY, WHOLE_MODEL, assert_adapter_recomputes_attention, calibration, tiny_model
 
 KINDS = ["llama", "mistral", "qwen2"]
@@ -33,6 +34,16 @@ def saved_tensors(folder) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_adapter_recomputes_the_models_own_attention(kind):
     assert_adapter_recomputes_attention(tiny_model(kind), calibration()[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_adapter_recomputes_sliding_window_attention(kind):
+    """A window shorter than the sequence: query i sees only the last 5 keys, in the model and in the core."""
+    extra = {"use_sliding_window": True, "max_window_layers": 0} if kind == "qwen2" else {}
+    model = tiny_model(kind, sliding_window=5, **extra)
+    ids = calibration()[0]
+    assert get_adapter(model).sliding_window(0) == 5
+    assert_adapter_recomputes_attention(model, ids, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -54,7 +65,8 @@ def test_prune_save_and_plain_from_pretrained_give_identical_logits(kind, tmp_pa
 def test_qk_rows_are_exactly_half_zeros_and_everything_else_is_untouched(mask, refit):
     model = tiny_model("llama")
     dense = copy.deepcopy(model.state_dict())
-    pruner = AttentionPruner(**{**QK_ONLY, "attention": {"mask": mask, "iterations": 5, "refit_iterations": refit}})
+    descent = {"iterations": 5} if mask == "descent" else {}
+    pruner = AttentionPruner(**{**QK_ONLY, "attention": {"mask": mask, "refit_iterations": refit, **descent}})
     pruner.prune_model(model, calibration=calibration(), progress=False)
     for name, tensor in model.state_dict().items():
         if name.endswith(("q_proj.weight", "k_proj.weight")):

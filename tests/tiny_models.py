@@ -6,7 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from attnprune_opt.core import multihead_attention_probs
-from attnprune_opt.models.adapters import get_adapter
+from attnprune_opt.models.base import read_matrix
+from attnprune_opt.models.registry import get_adapter
 from attnprune_opt.pipeline.capture import capture_layer_inputs, record_linear_inputs, run_layer
 
 CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
@@ -38,29 +39,28 @@ WHOLE_MODEL = dict(
     rules=[{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5},
            {"modules": ["v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "method": "sparsegpt",
             "sparsity": 0.5}],
-    attention={"iterations": 15},
+    attention={"refit_iterations": 15},
     sparsegpt={"blocksize": 32},
 )
 QK_ONLY = dict(rules=[{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5}],
-               attention={"iterations": 15})
+               attention={"refit_iterations": 15})
 
 
 def assert_adapter_recomputes_attention(model, ids: torch.Tensor, atol: float) -> None:
-    """The core's attention, fed by the adapter (captured inputs, the model's own RoPE tables, grouped heads),
-    equals the attention probabilities the model itself outputs, layer after layer."""
+    """The core's attention, fed by the adapter (captured inputs, its attention spec, grouped heads), equals the
+    attention probabilities the model itself outputs, layer after layer and head by head."""
     adapter = get_adapter(model)
+    layers = adapter.layers(model)
     with torch.no_grad():
         reference = model(ids[None], output_attentions=True).attentions
-        inputs = capture_layer_inputs(model, adapter.layers[0], [ids])
-        for index, layer in enumerate(adapter.layers):
-            attn = layer.self_attn
-            with record_linear_inputs({"q_proj": attn.q_proj}, keep=["q_proj"]) as recorded:
+        inputs = capture_layer_inputs(model, layers, [ids])
+        for index, layer in enumerate(layers):
+            q, k = (adapter.prunable(index, role) for role in ("q_proj", "k_proj"))
+            with record_linear_inputs({"q": layer.get_submodule(q.module)}, keep=["q"]) as recorded:
                 outputs = run_layer(layer, inputs)
-            geometry = adapter.geometry(layer)
-            cos, sin = adapter.rope_tables(inputs[0].kwargs)
-            probs = multihead_attention_probs(
-                recorded.tensors["q_proj"][0], attn.q_proj.weight, attn.k_proj.weight, head_dim=geometry.head_dim,
-                cos=cos, sin=sin, q_bias=attn.q_proj.bias, k_bias=attn.k_proj.bias, scaling=geometry.scaling)
+            spec = adapter.attention_spec(layer, index, inputs[0].kwargs)
+            probs = multihead_attention_probs(recorded.tensors["q"][0], read_matrix(layer, q), read_matrix(layer, k),
+                                              spec)
             assert torch.allclose(probs, reference[index], atol=atol, rtol=0), f"layer {index}"
             inputs = outputs
 

@@ -1,6 +1,7 @@
 """The method's math, free of Hugging Face imports: attention, loss and gradient, solver, masks, baselines."""
 
 from .attention import attention_matrix, causal_mask, relative_error, softmax_attention
+from .attention_spec import AttentionSpec, RMSNormSpec
 from .baselines import InputStatistics, magnitude_mask, sparsegpt, wanda_mask
 from .masks import binarize, check_n_m, check_sparsity, n_m_mask, prune_count, topk_mask
 from .objective import (
@@ -13,6 +14,8 @@ from .rope import apply_rotary, apply_rotary_transpose
 from .solver import SolverConfig, SolverResult, solve
 
 __all__ = [
+    "AttentionSpec",
+    "RMSNormSpec",
     "FactoredAttentionObjective",
     "FusedAttentionObjective",
     "InputStatistics",

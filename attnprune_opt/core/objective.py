@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .attention import attention_matrix
+from .attention_spec import AttentionSpec, RMSNormSpec, rms_norm, rms_norm_backward
 from .rope import apply_rotary, apply_rotary_transpose
 
 Params = tuple[Tensor, ...]
@@ -168,21 +169,9 @@ def select_rows(t: Tensor, part: SampledBatch, row_dim: int | None) -> Tensor:
     return t if part.sequences is None else t[part.sequences]
 
 
-def multihead_attention_probs(
-    x: Tensor,
-    q_weight: Tensor,
-    k_weight: Tensor,
-    *,
-    head_dim: int,
-    cos: Tensor | None = None,
-    sin: Tensor | None = None,
-    q_bias: Tensor | None = None,
-    k_bias: Tensor | None = None,
-    scaling: float | None = None,
-    causal: bool = True,
-) -> Tensor:
-    """Per-head attention probabilities (b, heads, n, n) of Llama-family attention from q/k projections."""
-    return _MultiheadForward(x, q_weight, k_weight, head_dim, cos, sin, q_bias, k_bias, scaling, causal).probs
+def multihead_attention_probs(x: Tensor, q_weight: Tensor, k_weight: Tensor, spec: AttentionSpec) -> Tensor:
+    """Per-head attention probabilities (b, heads, n, n) from q/k projection weights and the block's spec."""
+    return _MultiheadForward(x, q_weight, k_weight, spec).probs
 
 
 class _MultiheadForward:
@@ -194,9 +183,11 @@ class _MultiheadForward:
     repeated copy of the keys.
     """
 
-    def __init__(self, x, q_weight, k_weight, head_dim, cos, sin, q_bias, k_bias, scaling, causal,
+    def __init__(self, x: Tensor, q_weight: Tensor, k_weight: Tensor, spec: AttentionSpec,
                  rows: Tensor | None = None) -> None:
         b, n, _ = x.shape
+        head_dim = spec.head_dim
+        self.spec = spec
         self.q_heads = q_weight.shape[0] // head_dim
         self.kv_heads = k_weight.shape[0] // head_dim
         if self.q_heads * head_dim != q_weight.shape[0] or self.kv_heads * head_dim != k_weight.shape[0]:
@@ -205,18 +196,27 @@ class _MultiheadForward:
         if self.q_heads % self.kv_heads:
             raise ValueError(f"{self.q_heads} query heads cannot be grouped over {self.kv_heads} KV heads")
         self.group = self.q_heads // self.kv_heads
-        self.scaling = head_dim**-0.5 if scaling is None else scaling
         self.x_q = x if rows is None else x[:, rows]
+        cos, sin = spec.cos, spec.sin
         self.rope_k = None if cos is None else (cos[:n], sin[:n])
         self.rope_q = self.rope_k if cos is None or rows is None else (cos[rows], sin[rows])
+        self.q_side = _Projection(self.x_q, q_weight, spec.q_bias, spec.q_norm, head_dim, self.rope_q)
+        self.k_side = _Projection(x, k_weight, spec.k_bias, spec.k_norm, head_dim, self.rope_k)
         # the scale is applied to the queries, which are smaller than the logits
-        self.q = self.scaling * self._project(self.x_q, q_weight, q_bias, self.q_heads, head_dim, self.rope_q)
-        self.k = self._project(x, k_weight, k_bias, self.kv_heads, head_dim, self.rope_k)
+        self.q = spec.logit_scale * self.q_side.heads
+        self.k = self.k_side.heads
         logits = (self._grouped(self.q) @ self.k.transpose(-1, -2)).view(b, self.q_heads, self.q.shape[2], n)
-        if causal:
-            positions = torch.arange(n, device=x.device)
-            queries = positions if rows is None else rows
-            logits = logits.masked_fill(positions > queries[:, None], float("-inf"))
+        self.capped = None
+        if spec.softcap is not None:
+            self.capped = torch.tanh(logits / spec.softcap)
+            logits = spec.softcap * self.capped
+        if spec.causal or spec.window is not None:
+            keys = torch.arange(n, device=x.device)
+            queries = (keys if rows is None else rows)[:, None]
+            hidden = keys > queries if spec.causal else torch.zeros_like(keys > queries)
+            if spec.window is not None:
+                hidden = hidden | (keys <= queries - spec.window)
+            logits = logits.masked_fill(hidden, float("-inf"))
         self.probs = torch.softmax(logits, dim=-1)
 
     def _grouped(self, t: Tensor) -> Tensor:
@@ -224,35 +224,51 @@ class _MultiheadForward:
         b, _, m, e = t.shape
         return t.reshape(b, self.kv_heads, self.group * m, e)
 
-    @staticmethod
-    def _project(x, weight, bias, heads, head_dim, rope) -> Tensor:
+    def backward(self, grad_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Gradients of the loss w.r.t. the effective q/k weights, in (out, in) layout."""
+        if self.capped is not None:
+            grad_logits = grad_logits * (1 - self.capped.pow(2))
+        b, heads, m, head_dim = self.q.shape
+        grouped = self._grouped(grad_logits)
+        dq = (self.spec.logit_scale * grouped @ self.k).view(b, heads, m, head_dim)
+        dk = grouped.transpose(-1, -2) @ self._grouped(self.q)
+        return self.q_side.weight_grad(dq), self.k_side.weight_grad(dk)
+
+
+class _Projection:
+    """One side of the logits: x W^T + b, optionally RMS-normalised, split into heads, rotated; and its backward."""
+
+    def __init__(self, x: Tensor, weight: Tensor, bias: Tensor | None, norm: RMSNormSpec | None, head_dim: int,
+                 rope: tuple[Tensor, Tensor] | None) -> None:
+        self.x, self.norm, self.head_dim, self.rope = x, norm, head_dim, rope
         out = x @ weight.T
         if bias is not None:
             out = out + bias
-        out = out.view(x.shape[0], x.shape[1], heads, head_dim).transpose(1, 2)
-        return out if rope is None else apply_rotary(out, *rope)
+        self.projected, self.inv_rms = out, None
+        if norm is not None:
+            out, self.inv_rms = rms_norm(out, norm, head_dim)
+        b, n, _ = x.shape
+        heads = out.view(b, n, -1, head_dim).transpose(1, 2)
+        self.heads = heads if rope is None else apply_rotary(heads, *rope)
 
-    def backward(self, grad_logits: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Gradients of the loss w.r.t. the effective q/k weights, in (out, in) layout."""
-        b, heads, m, head_dim = self.q.shape
-        grouped = self._grouped(grad_logits)
-        dq = (self.scaling * grouped @ self.k).view(b, heads, m, head_dim)
-        dk = grouped.transpose(-1, -2) @ self._grouped(self.q)
-        if self.rope_k is not None:
-            dq = apply_rotary_transpose(dq, *self.rope_q)
-            dk = apply_rotary_transpose(dk, *self.rope_k)
-        dq = dq.transpose(1, 2).reshape(b * m, -1)
-        dk = dk.transpose(1, 2).reshape(b * x.shape[1], -1)
-        return dq.T @ self.x_q.reshape(b * m, -1), dk.T @ x.reshape(b * x.shape[1], -1)
+    def weight_grad(self, grad_heads: Tensor) -> Tensor:
+        """d loss / d W from d loss / d (rotated heads) of shape (b, heads, n, head_dim)."""
+        if self.rope is not None:
+            grad_heads = apply_rotary_transpose(grad_heads, *self.rope)
+        b, n, d = self.x.shape
+        grad = grad_heads.transpose(1, 2).reshape(b, n, -1)
+        if self.norm is not None:
+            grad = rms_norm_backward(grad, self.projected, self.inv_rms, self.norm, self.head_dim)
+        return grad.reshape(b * n, -1).T @ self.x.reshape(b * n, d)
 
 
 class FactoredAttentionObjective:
     """L(M_Q, M_K) = sum_h 1/2 ||P_h(M) - P_h(1)||^2 + lambda/2 (||M_Q||^2 + ||M_K||^2).
 
     ``q_weight`` (heads*head_dim, d) and ``k_weight`` (kv_heads*head_dim, d) are in nn.Linear layout;
-    query head h reads KV head h // (heads / kv_heads). ``cos``/``sin`` of shape (n_max, head_dim) give RoPE
-    for positions 0..n_max-1 (omit both for no RoPE). ``optimize`` names which masks are parameters; the
-    other weight stays dense.
+    query head h reads KV head h // (heads / kv_heads); ``spec`` says what else the attention computes (RoPE,
+    biases, q/k norms, soft-cap, window). ``optimize`` names which masks are parameters; the other weight stays
+    dense.
     """
 
     def __init__(
@@ -260,31 +276,22 @@ class FactoredAttentionObjective:
         x: Tensor | Sequence[Tensor],
         q_weight: Tensor,
         k_weight: Tensor,
+        spec: AttentionSpec,
         *,
-        head_dim: int,
-        cos: Tensor | None = None,
-        sin: Tensor | None = None,
-        q_bias: Tensor | None = None,
-        k_bias: Tensor | None = None,
-        scaling: float | None = None,
-        causal: bool = True,
         lam: float = 0.0,
         normalize: bool = True,
         chunk_size: int | None = None,
         optimize: Sequence[str] = ("q", "k"),
     ) -> None:
-        if (cos is None) != (sin is None):
-            raise ValueError("give both cos and sin for RoPE, or neither")
         if not optimize or set(optimize) - {"q", "k"} or len(set(optimize)) != len(optimize):
             raise ValueError(f"optimize must name 'q' and/or 'k' once each, got {list(optimize)}")
         self.batches = as_batches(x, chunk_size)
         self.q_weight, self.k_weight = q_weight, k_weight
+        self.spec = spec
         self.optimize = tuple(optimize)
         self.lam = lam
-        self._static = dict(head_dim=head_dim, cos=cos, sin=sin, q_bias=q_bias, k_bias=k_bias,
-                            scaling=scaling, causal=causal)
         self.targets = [self._forward(b, q_weight, k_weight).probs for b in self.batches]
-        heads = q_weight.shape[0] // head_dim
+        heads = q_weight.shape[0] // spec.head_dim
         rows = sum(b.shape[0] * b.shape[1] for b in self.batches) * heads
         entries = sum(self._weight(name).numel() for name in self.optimize)
         self.weights = _Weights(1.0 / rows, 1.0 / entries) if normalize else _Weights(1.0, 1.0)
@@ -294,9 +301,7 @@ class FactoredAttentionObjective:
 
     def _forward(self, batch: Tensor, q_weight: Tensor, k_weight: Tensor,
                  rows: Tensor | None = None) -> _MultiheadForward:
-        s = self._static
-        return _MultiheadForward(batch, q_weight, k_weight, s["head_dim"], s["cos"], s["sin"], s["q_bias"],
-                                 s["k_bias"], s["scaling"], s["causal"], rows)
+        return _MultiheadForward(batch, q_weight, k_weight, self.spec, rows)
 
     def sample(self, row_fraction: float, sequence_fraction: float, generator: torch.Generator) -> RowSample:
         """A random share of the calibration sequences and of their query rows (see :func:`sample_rows`)."""
@@ -348,7 +353,7 @@ class FactoredAttentionObjective:
             target = select_rows(self.targets[part.batch], part, 2)
             fwd = self._forward(batch, q_weight, k_weight, part.rows)
             loss, grad_logits = softmax_loss_and_logit_grad(fwd.probs, target)
-            gq, gk = fwd.backward(grad_logits, batch)
+            gq, gk = fwd.backward(grad_logits)
             data += part.weight * loss
             grad_q += part.weight * gq
             grad_k += part.weight * gk

@@ -3,10 +3,10 @@ relative error ||A_pruned - A_dense||_F^2 / ||A_dense||_F^2 of the causal softma
 from the same (dense model's) layer input, on C4 rows 1000-1007 truncated to 256 tokens.
 
 Layer by layer: the dense layer runs on the dense inputs, recording its q_proj input and producing the next layer's
-inputs (so errors measure each layer alone, never accumulated ones); the pruned layer's pre-attention norm is applied
-to the same inputs to give its own q_proj input (the norm is not pruned, but it is the pruned model's); both
-attention matrices are then
-recomputed from each model's q/k weights with the rotary tables the dense model made. Only one layer's activations
+inputs (so errors measure each layer alone, never accumulated ones); the pruned layer runs on the same inputs to give
+its own q_proj input (the norm before it is not pruned, but it is the pruned model's); both attention matrices are
+then recomputed from each model's q/k weights and attention spec (the family's adapter says what the attention
+computes: RoPE, biases, q/k norms, soft-cap, window). Only one layer's activations
 are held at a time. A head's error pools the documents: squared errors and squared norms are summed over all of
 them before dividing. The layer figure is the mean over its heads; ``mean`` is the mean over heads and layers.
 """
@@ -34,8 +34,9 @@ from attnprune_opt.data.calibration import (
 )
 from attnprune_opt.errors import ConfigError
 from attnprune_opt.evaluation.perplexity import _data_file
-from attnprune_opt.models.adapters import LlamaFamilyAdapter, get_adapter
-from attnprune_opt.models.offload import evaluating, onloaded
+from attnprune_opt.models.base import ATTENTION_ROLES, DecoderAdapter, read_matrix
+from attnprune_opt.models.offload import evaluating
+from attnprune_opt.models.registry import get_adapter
 from attnprune_opt.pipeline.capture import LayerInput, capture_layer_inputs, record_linear_inputs, run_layer
 
 if TYPE_CHECKING:
@@ -65,25 +66,21 @@ def attention_error(
         raise ConfigError(f"seq_len must be >= {MIN_TOKENS}, got {seq_len}")
     started = time.perf_counter()
     dense, pruned = get_adapter(dense_model), get_adapter(pruned_model)
-    if len(dense.layers) != len(pruned.layers):
-        raise ConfigError(f"the dense model has {len(dense.layers)} decoder layers, the pruned one "
-                          f"{len(pruned.layers)}: they are not the same architecture")
+    dense_layers, pruned_layers = dense.layers(dense_model), pruned.layers(pruned_model)
+    if len(dense_layers) != len(pruned_layers):
+        raise ConfigError(f"the dense model has {len(dense_layers)} decoder layers, the pruned one "
+                          f"{len(pruned_layers)}: they are not the same architecture")
     path = _data_file(data_dir, C4_FILE)
     texts = select_rows(read_texts(path), tuple(rows), str(path))
     documents = [ids for text in texts if len(ids := tokenize_document(tokenizer, text, seq_len)) >= MIN_TOKENS]
     if not documents:
         raise ConfigError(f"rows [{rows[0]}, {rows[1]}) of {path} hold no document of >= {MIN_TOKENS} tokens")
-    longest = max(len(ids) for ids in documents)
 
     per_head: list[list[float]] = []
     with evaluating(dense_model), evaluating(pruned_model), torch.no_grad():
-        inputs = capture_layer_inputs(dense_model, dense.layers[0], documents)
-        for index in tqdm(range(len(dense.layers)), desc="attention error", unit="layer", disable=not progress):
-            window = dense.sliding_window(index)
-            if window is not None and longest > window:
-                raise ConfigError(f"layer {index} uses sliding-window attention ({window} tokens); the documents "
-                                  f"must not be longer (seq_len={seq_len})")
-            errors, inputs = _layer_errors(dense, pruned, index, inputs)
+        inputs = capture_layer_inputs(dense_model, dense_layers, documents)
+        for index in tqdm(range(len(dense_layers)), desc="attention error", unit="layer", disable=not progress):
+            errors, inputs = _layer_errors(dense, pruned, dense_layers[index], pruned_layers[index], index, inputs)
             per_head.append(errors)
     per_layer = [statistics.fmean(heads) for heads in per_head]
     return {
@@ -106,38 +103,31 @@ def attention_error(
     }
 
 
-def _layer_errors(dense: LlamaFamilyAdapter, pruned: LlamaFamilyAdapter, index: int,
-                  inputs: Sequence[LayerInput]) -> tuple[list[float], list[LayerInput]]:
+def _layer_errors(dense: DecoderAdapter, pruned: DecoderAdapter, dense_layer: nn.Module, pruned_layer: nn.Module,
+                  index: int, inputs: Sequence[LayerInput]) -> tuple[list[float], list[LayerInput]]:
     """Per-head relative errors of layer ``index`` on ``inputs``, and the dense layer's outputs."""
-    dense_layer, pruned_layer = dense.layers[index], pruned.layers[index]
-    geometry = dense.geometry(dense_layer)
-    if pruned.geometry(pruned_layer) != geometry:
-        raise ConfigError(f"layer {index}: the pruned model's heads {pruned.geometry(pruned_layer)} differ from the "
-                          f"dense model's {geometry}")
-    with record_linear_inputs({"q_proj": dense.linear(dense_layer, "q_proj")}, keep=["q_proj"]) as dense_x:
+    q_dense, q_pruned = dense.prunable(index, "q_proj"), pruned.prunable(index, "q_proj")
+    with record_linear_inputs({"q": dense_layer.get_submodule(q_dense.module)}, keep=["q"]) as dense_x:
         outputs = run_layer(dense_layer, inputs)
-    device = dense_x.tensors["q_proj"][0].device
-    dense_qk, pruned_qk = _qk_weights(dense, dense_layer, device), _qk_weights(pruned, pruned_layer, device)
-    squared_error = torch.zeros(geometry.num_heads, dtype=torch.float64, device=device)
+    with record_linear_inputs({"q": pruned_layer.get_submodule(q_pruned.module)}, keep=["q"]) as pruned_x:
+        run_layer(pruned_layer, inputs)
+    device = dense_x.tensors["q"][0].device
+    dense_qk, pruned_qk = _qk_weights(dense, dense_layer, index, device), _qk_weights(pruned, pruned_layer, index, device)
+    if dense_qk[0].shape != pruned_qk[0].shape or dense_qk[1].shape != pruned_qk[1].shape:
+        raise ConfigError(f"layer {index}: the pruned model's q/k shapes differ from the dense model's")
+    heads = dense_qk[0].shape[0] // dense.head_dim
+    squared_error = torch.zeros(heads, dtype=torch.float64, device=device)
     squared_norm = torch.zeros_like(squared_error)
-    for x, item in zip(dense_x.tensors["q_proj"], inputs, strict=True):
-        x_pruned = pruned.attention_input(pruned_layer, item.hidden)
-        cos, sin = (t.to(device, torch.float32) for t in dense.rope_tables(item.kwargs))
-        static = dict(head_dim=geometry.head_dim, cos=cos, sin=sin, scaling=geometry.scaling)
-        reference = multihead_attention_probs(x.float(), **dense_qk, **static)
-        probs = multihead_attention_probs(x_pruned.to(device, torch.float32), **pruned_qk, **static)
+    for x, x_pruned, item in zip(dense_x.tensors["q"], pruned_x.tensors["q"], inputs, strict=True):
+        dense_spec = dense.attention_spec(dense_layer, index, item.kwargs).to(torch.float32, device)
+        pruned_spec = pruned.attention_spec(pruned_layer, index, item.kwargs).to(torch.float32, device)
+        reference = multihead_attention_probs(x.to(device, torch.float32), *dense_qk, dense_spec)
+        probs = multihead_attention_probs(x_pruned.to(device, torch.float32), *pruned_qk, pruned_spec)
         squared_error += (probs - reference).pow(2).sum(dim=(0, 2, 3)).double()
         squared_norm += reference.pow(2).sum(dim=(0, 2, 3)).double()
     return (squared_error / squared_norm).tolist(), outputs
 
 
-def _qk_weights(adapter: LlamaFamilyAdapter, layer: nn.Module, device: torch.device) -> dict[str, Tensor | None]:
-    """q/k weights and biases in float32 on ``device``, read through accelerate's offload hooks if any."""
-    found: dict[str, Tensor | None] = {}
-    for side in ("q", "k"):
-        linear = adapter.linear(layer, f"{side}_proj")
-        with onloaded(linear):
-            found[f"{side}_weight"] = linear.weight.detach().to(device, torch.float32, copy=True)
-            bias = linear.bias
-            found[f"{side}_bias"] = None if bias is None else bias.detach().to(device, torch.float32, copy=True)
-    return found
+def _qk_weights(adapter: DecoderAdapter, layer: nn.Module, index: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """q and k weights in float32 on ``device``, read through accelerate's offload hooks if any."""
+    return tuple(read_matrix(layer, adapter.prunable(index, role)).to(device, torch.float32) for role in ATTENTION_ROLES)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..config import PrunerConfig, PruneRule
 from ..errors import ArtifactError
-from ..models.adapters import MODULE_PATHS
+from ..models.families.llama import LLAMA_MODULES
 from .bitmask import DECOMPRESSORS, SPARSE_24_BITMASK, SPARSE_BITMASK, TENSOR_NAMES
 from .sharded import QUANT_METHOD
 
@@ -36,7 +36,7 @@ def pruned_rule(name: str, config: PrunerConfig) -> PruneRule | None:
     if config.layers is not None and int(parts[index]) not in config.layers:
         return None
     path = ".".join(parts[index + 1:-1])
-    module = next((m for m, p in MODULE_PATHS.items() if p == path), None)
+    module = next((m for m, p in LLAMA_MODULES.items() if p == path), None)
     return config.rule_for(module) if module else None
 
 

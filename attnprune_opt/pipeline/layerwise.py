@@ -1,8 +1,8 @@
 """The layer loop: one decoder layer at a time, calibrate, prune, write back, and feed the next layer.
 
-Per layer: (1) a forward of the dense layer records the inputs of every targeted linear (whole tensors for the
+Per layer: (1) a forward of the dense layer records the inputs of every targeted matrix (whole tensors for the
 method's q/k, X^T X or column norms for the linear baselines); (2) q_proj/k_proj are solved with the method and
-the other targets pruned with their rule's linear method; (3) the weights are written back, through the offload
+the other targets pruned with their rule's linear method (the layer's adapter says where each matrix lives); (3) the weights are written back, through the offload
 index when the layer is offloaded; (4) the pruned layer's outputs become the next layer's inputs
 (``propagate="pruned"``, as SparseGPT and Wanda do) or the dense outputs of step 1 do (``"dense"``).
 """
@@ -20,12 +20,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import ATTENTION_MODULES, PrunerConfig, PruneRule
+from ..config import PrunerConfig, PruneRule
 from ..errors import CalibrationDataError, ConfigError, NonFiniteWeightsError
-from ..models.adapters import MODULE_PATHS, LlamaFamilyAdapter
+from ..models.base import ATTENTION_ROLES, DecoderAdapter, read_matrix, write_matrices
+from ..methods.attention import AttentionInputs, AttentionResult, prune_attention
+from ..methods.base import method
 from .capture import LayerInput, check_finite, record_linear_inputs, run_layer
-from .methods import AttentionInputs, AttentionResult, prune_attention, prune_linear
-from ..models.offload import onloaded, write_parameter
 
 
 @dataclass
@@ -87,28 +87,29 @@ def target_layers(config: PrunerConfig, num_layers: int) -> list[int]:
     return indices
 
 
-def check_config_fits(config: PrunerConfig, adapter: LlamaFamilyAdapter, seq_len: int) -> None:
+def check_config_fits(config: PrunerConfig, adapter: DecoderAdapter, model: nn.Module) -> None:
     """Problems that need the model's shapes, found before any calibration work."""
-    indices = target_layers(config, len(adapter.layers))
-    layer = adapter.layers[indices[0]]
+    layers = adapter.layers(model)
+    indices = target_layers(config, len(layers))
+    roles = adapter.roles()
+    for i, rule in enumerate(config.rules):
+        missing = [module for module in rule.modules if module not in roles]
+        if missing:
+            raise ConfigError(f"rules.{i}.modules: {', '.join(missing)} not in {adapter.config.model_type} layers, "
+                              f"whose prunable matrices are {', '.join(roles)}")
     for rule in config.rules:
         if rule.n_m is None:
             continue
         for module in rule.modules:
-            in_features = adapter.linear(layer, module).in_features
+            in_features = read_matrix(layers[indices[0]], adapter.prunable(indices[0], module)).shape[1]
             if in_features % rule.n_m[1]:
                 raise ConfigError(f"structure {rule.structure} does not divide the input size {in_features} of "
                                   f"{module}")
-    if config.rule_for("q_proj") or config.rule_for("k_proj"):
-        for index in indices:
-            window = adapter.sliding_window(index)
-            if window is not None and seq_len > window:
-                raise ConfigError(f"layer {index} uses sliding-window attention ({window} tokens); calibration "
-                                  f"sequences must not be longer (seq_len={seq_len})")
 
 
 def prune_layers(
-    adapter: LlamaFamilyAdapter,
+    adapter: DecoderAdapter,
+    model: nn.Module,
     inputs: list[LayerInput],
     config: PrunerConfig,
     progress: bool = True,
@@ -117,11 +118,12 @@ def prune_layers(
     """Prune the configured layers in order; returns one report per pruned layer."""
     if not inputs:
         raise CalibrationDataError("no calibration sequences reached the first decoder layer")
-    indices = target_layers(config, len(adapter.layers))
+    layers = adapter.layers(model)
+    indices = target_layers(config, len(layers))
     reports = []
     bar = tqdm(range(indices[-1] + 1), desc="pruning layers", unit="layer", disable=not progress)
     for index in bar:
-        layer = adapter.layers[index]
+        layer = layers[index]
         if index not in indices:
             inputs = run_layer(layer, inputs)
             continue
@@ -136,38 +138,45 @@ def prune_layers(
     return reports
 
 
-def _prune_layer(adapter: LlamaFamilyAdapter, index: int, layer: nn.Module, inputs: list[LayerInput],
+def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: list[LayerInput],
                  config: PrunerConfig) -> tuple[LayerReport, list[LayerInput]]:
     start = time.perf_counter()
-    rules = {module: rule for module in MODULE_PATHS if (rule := config.rule_for(module)) is not None}
-    attention_rules = {m: r for m, r in rules.items() if r.method == "attention"}
-    linears = {module: adapter.linear(layer, module) for module in MODULE_PATHS}
-    for module in rules:
-        _check_weight_finite(linears[module], adapter.module_name(index, module))
+    prunables = {p.role: p for p in adapter.prunables(index)}
+    rules = {role: rule for role in prunables if (rule := config.rule_for(role)) is not None}
+    attention_rules = {m: r for m, r in rules.items() if method(r.method).joint}
+    for role in rules:
+        matrix = read_matrix(layer, prunables[role])
+        if not torch.isfinite(matrix).all():
+            raise NonFiniteWeightsError(f"{adapter.layer_prefix(index)}.{prunables[role].label} contains NaN or "
+                                        "infinity")
 
-    keep = ["q_proj"] if attention_rules else []
-    hessian = [m for m, r in rules.items() if r.method == "sparsegpt"]
-    norms = [m for m, r in rules.items() if r.method == "wanda"]
-    with record_linear_inputs(linears, keep=keep, hessian=hessian, norms=norms) as recorded:
+    def inputs_of(roles: list[str]) -> list[str]:
+        return list(dict.fromkeys(prunables[role].module for role in roles))
+
+    modules = {p.module: layer.get_submodule(p.module) for p in prunables.values()}
+    keep = inputs_of(["q_proj"]) if attention_rules else []
+    hessian = inputs_of([m for m, r in rules.items() if method(r.method).statistic == "hessian"])
+    norms = inputs_of([m for m, r in rules.items() if method(r.method).statistic == "norms"])
+    with record_linear_inputs(modules, keep=keep, hessian=hessian, norms=norms) as recorded:
         dense_outputs = run_layer(layer, inputs)
     if not check_finite([o.hidden for o in dense_outputs]):
         raise NonFiniteWeightsError(f"layer {index} produced NaN or infinite activations on the calibration data")
 
     report = LayerReport(index)
+    pruned: dict[str, torch.Tensor] = {}
     if attention_rules:
-        result = _prune_attention_modules(adapter, index, layer, linears, recorded.tensors["q_proj"], inputs,
+        result = _prune_attention_modules(adapter, index, layer, recorded.tensors[keep[0]], inputs,
                                           attention_rules, config)
         report.attention = AttentionReport(result.error_mask, result.error_final, result.descent_iterations,
                                            result.refit_kept, result.seconds)
-        for module, weight in result.weights.items():
-            write_parameter(linears[module], "weight", weight)
-    for module, rule in rules.items():
-        if rule.method != "attention":
-            with onloaded(linears[module]):
-                weight = prune_linear(linears[module].weight, rule, recorded.stats.get(module), config.sparsegpt)
-            write_parameter(linears[module], "weight", weight)
-    for module, rule in rules.items():
-        report.modules[module] = _measure(linears[module], rule)
+        pruned.update(result.weights)
+    for role, rule in rules.items():
+        if role not in attention_rules:
+            stats = recorded.stats.get(prunables[role].module)
+            pruned[role] = method(rule.method).prune_matrix(read_matrix(layer, prunables[role]), rule, stats, config)
+    write_matrices(layer, {prunables[role]: weight for role, weight in pruned.items()})
+    for role, rule in rules.items():
+        report.modules[role] = _measure(read_matrix(layer, prunables[role]), rule)
     report.seconds = time.perf_counter() - start
     return report, dense_outputs
 
@@ -177,31 +186,19 @@ def layer_seed(seed: int, index: int) -> int:
     return seed * 100_003 + index
 
 
-def _prune_attention_modules(adapter: LlamaFamilyAdapter, index: int, layer: nn.Module,
-                             linears: dict[str, nn.Linear], xs: list[torch.Tensor], inputs: list[LayerInput],
-                             rules: dict[str, PruneRule], config: PrunerConfig) -> AttentionResult:
+def _prune_attention_modules(adapter: DecoderAdapter, index: int, layer: nn.Module, xs: list[torch.Tensor],
+                             inputs: list[LayerInput], rules: dict[str, PruneRule],
+                             config: PrunerConfig) -> AttentionResult:
     if not check_finite(xs):
         raise NonFiniteWeightsError("attention inputs contain NaN or infinity")
     longest = max(range(len(inputs)), key=lambda i: inputs[i].hidden.shape[1])
-    cos, sin = adapter.rope_tables(inputs[longest].kwargs)
-    weights, biases = {}, {}
-    for module in ATTENTION_MODULES:
-        with onloaded(linears[module]):
-            weights[module] = linears[module].weight.detach().clone()
-            bias = linears[module].bias
-            biases[module] = None if bias is None else bias.detach().clone()
-    return prune_attention(weights, biases, AttentionInputs(xs, cos, sin), adapter.geometry(layer), rules,
-                           config.attention, config.sparsegpt, seed=layer_seed(config.seed, index))
+    spec = adapter.attention_spec(layer, index, inputs[longest].kwargs)
+    weights = {role: read_matrix(layer, adapter.prunable(index, role)) for role in ATTENTION_ROLES}
+    return prune_attention(weights, AttentionInputs(xs, spec), rules, config.attention, config.sparsegpt,
+                           seed=layer_seed(config.seed, index))
 
 
-def _check_weight_finite(linear: nn.Linear, name: str) -> None:
-    with onloaded(linear):
-        if not torch.isfinite(linear.weight).all():
-            raise NonFiniteWeightsError(f"{name}.weight contains NaN or infinity")
-
-
-def _measure(linear: nn.Linear, rule: PruneRule) -> ModuleReport:
-    with onloaded(linear):
-        zeros = int((linear.weight == 0).sum())
-        numel = linear.weight.numel()
-    return ModuleReport(rule.method, rule.structure, float(rule.sparsity), zeros / numel, zeros, numel)
+def _measure(weight: torch.Tensor, rule: PruneRule) -> ModuleReport:
+    zeros = int((weight == 0).sum())
+    return ModuleReport(rule.method, rule.structure, float(rule.sparsity), zeros / weight.numel(), zeros,
+                        weight.numel())

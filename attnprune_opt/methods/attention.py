@@ -1,4 +1,5 @@
-"""Applying a recipe rule to weights: the method on q_proj/k_proj, a linear baseline on any other linear.
+"""The paper's method on q_proj/k_proj: choose the pattern, then refit the kept q/k values to the softmax-attention
+objective (docs/method.md sections 4, 7 and 7b).
 
 Pure tensor code over weights and captured inputs (no model objects), so it can be tested on its own.
 """
@@ -8,37 +9,93 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
-from ..config import AttentionSettings, PruneRule, SparseGPTSettings
 from ..core import (
+    AttentionSpec,
     FactoredAttentionObjective,
     InputStatistics,
     SolverConfig,
-    magnitude_mask,
     n_m_mask,
     solve,
     sparsegpt,
     topk_mask,
-    wanda_mask,
 )
 from ..core.objective import KeptWeightsObjective
 from ..core.solver import AdamConfig, StepCallback, adam
-from ..models.adapters import AttentionGeometry
+from .base import MethodSettings, PruningMethod, register_method
+from .magnitude import apply_mask
+from .sparsegpt import SparseGPTSettings
+
+if TYPE_CHECKING:
+    from ..config import PruneRule
 
 SOLVE_DTYPE = torch.float32
+
+
+class AttentionSettings(MethodSettings):
+    """How the binary pattern is chosen (``mask``), the paper's descent (used when ``mask`` is ``descent``), and the
+    refit of the kept weights to the attention loss.
+
+    The refit's steps are stochastic by default: each sees a share of the calibration sequences and of their query
+    rows (benchmarks/speed.py; docs/method.md section 7b). ``refit_row_fraction: 1`` with ``refit_sequence_fraction:
+    1`` and 50 iterations is the exact solver of version 0.1."""
+
+    mask: Literal["descent", "wanda", "magnitude", "sparsegpt"] = "wanda"
+    lam: float = Field(default=0.01, ge=0.0, allow_inf_nan=False)
+    iterations: int = Field(default=100, ge=0)
+    step_size: float = Field(default=0.05, gt=0.0, allow_inf_nan=False)
+    tol: float = Field(default=1e-6, ge=0.0)
+    line_search: bool = True
+    group: Literal["row", "head", "matrix"] = "row"
+    score: Literal["mask", "mask_weight"] = "mask_weight"
+    refit_iterations: int = Field(default=100, ge=0)
+    refit_lr: float = Field(default=0.01, gt=0.0, allow_inf_nan=False)
+    refit_row_fraction: float = Field(default=0.125, gt=0.0, le=1.0, allow_inf_nan=False)
+    refit_sequence_fraction: float = Field(default=0.5, gt=0.0, le=1.0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _sparsegpt_groups(self) -> AttentionSettings:
+        if self.mask == "sparsegpt" and self.group == "head":
+            raise ValueError("mask 'sparsegpt' selects per row or per matrix, not per head")
+        return self
+
+    def unused(self) -> dict[str, str]:
+        unused = {}
+        if self.mask != "descent":
+            unused.update(dict.fromkeys(("lam", "iterations", "step_size", "tol", "line_search", "score"),
+                                        f"read only with mask 'descent', not {self.mask!r}"))
+        if self.refit_iterations == 0:
+            unused.update(dict.fromkeys(("refit_lr", "refit_row_fraction", "refit_sequence_fraction"),
+                                        "read only when refit_iterations > 0"))
+        return unused
+
+    def reads_settings_of(self) -> tuple[str, ...]:
+        return ("sparsegpt",) if self.mask == "sparsegpt" else ()
+
+
+@register_method
+class Attention(PruningMethod):
+    """Joint: q_proj and k_proj of a layer are fitted together against the layer's attention probabilities."""
+
+    name = "attention"
+    settings = AttentionSettings
+    roles = ("q_proj", "k_proj")
+    joint = True
+
 
 
 @dataclass
 class AttentionInputs:
     """What the method needs from one layer: the attention inputs X (one (1, n, d) tensor per calibration
-    sequence, positions 0..n-1) and RoPE tables (n_max, head_dim) for the longest of them."""
+    sequence, positions 0..n-1) and the attention's spec (RoPE tables for the longest of them)."""
 
     xs: list[Tensor]
-    cos: Tensor | None
-    sin: Tensor | None
+    spec: AttentionSpec
 
     def batches(self) -> list[Tensor]:
         """Sequences of equal length stacked into one batch each (attention never crosses sequences)."""
@@ -72,22 +129,21 @@ class _Layer:
     descent with fewer, larger matrix products.
     """
 
-    def __init__(self, weights: dict[str, Tensor], biases: dict[str, Tensor | None], inputs: AttentionInputs,
-                 geometry: AttentionGeometry, targets: tuple[str, ...], lam: float) -> None:
-        self.geometry = geometry
+    def __init__(self, weights: dict[str, Tensor], inputs: AttentionInputs, targets: tuple[str, ...],
+                 lam: float) -> None:
         self.targets = targets  # "q_proj" and/or "k_proj"
         self.dense = {name: weights[name].to(SOLVE_DTYPE) for name in ("q_proj", "k_proj")}
-        self.biases = {name: _as_solve(biases.get(name)) for name in ("q_proj", "k_proj")}
         self.batches = inputs.batches()
-        self.rope = {"cos": _as_solve(inputs.cos), "sin": _as_solve(inputs.sin)}
+        self.spec = inputs.spec.to(SOLVE_DTYPE)
+        self.head_dim = self.spec.head_dim
+        self.kv_heads = self.dense["k_proj"].shape[0] // self.head_dim
         self.lam = lam
         self.objective = self._objective(slice(None), slice(None))
 
     def _objective(self, q_rows: slice, k_rows: slice) -> FactoredAttentionObjective:
+        spec = self.spec if q_rows == slice(None) else self.spec.group_rows(q_rows, k_rows)
         return FactoredAttentionObjective(
-            self.batches, self.dense["q_proj"][q_rows], self.dense["k_proj"][k_rows],
-            head_dim=self.geometry.head_dim, **self.rope, q_bias=_rows(self.biases["q_proj"], q_rows),
-            k_bias=_rows(self.biases["k_proj"], k_rows), scaling=self.geometry.scaling, lam=self.lam,
+            self.batches, self.dense["q_proj"][q_rows], self.dense["k_proj"][k_rows], spec, lam=self.lam,
             optimize=tuple(name[0] for name in self.targets))
 
     def error(self, weights: dict[str, Tensor]) -> float:
@@ -96,10 +152,15 @@ class _Layer:
         return self.objective.squared_error(full["q_proj"], full["k_proj"]) / self.objective.target_energy
 
     def descent(self, solver: SolverConfig) -> tuple[dict[str, Tensor], int]:
-        """Algorithm 1 per KV group: the relaxed masks M_T assembled over the whole matrices."""
+        """Algorithm 1 per KV group (all heads at once when a norm couples them): the relaxed masks M_T assembled
+        over the whole matrices."""
+        if not self.spec.heads_separate:
+            result = solve(self.objective, solver)
+            return dict(zip(self.targets, result.masks)), result.iterations
         relaxed = {name: torch.ones_like(self.dense[name]) for name in self.targets}
-        iterations, head_dim, q_rows = 0, self.geometry.head_dim, self.geometry.group_size * self.geometry.head_dim
-        for g in range(self.geometry.num_kv_heads):
+        head_dim = self.head_dim
+        iterations, q_rows = 0, self.dense["q_proj"].shape[0] // self.kv_heads
+        for g in range(self.kv_heads):
             rows = {"q_proj": slice(g * q_rows, (g + 1) * q_rows), "k_proj": slice(g * head_dim, (g + 1) * head_dim)}
             result = solve(self._objective(rows["q_proj"], rows["k_proj"]), solver)
             for name, mask in zip(self.targets, result.masks):
@@ -134,9 +195,7 @@ def refit_config(settings: AttentionSettings, seed: int) -> AdamConfig:
 
 def prune_attention(
     weights: dict[str, Tensor],
-    biases: dict[str, Tensor | None],
     inputs: AttentionInputs,
-    geometry: AttentionGeometry,
     rules: dict[str, PruneRule],
     settings: AttentionSettings,
     sparsegpt_settings: SparseGPTSettings = SparseGPTSettings(),
@@ -150,11 +209,11 @@ def prune_attention(
     """
     start_time = time.perf_counter()
     targets = tuple(name for name in ("q_proj", "k_proj") if name in rules)
-    layer = _Layer(weights, biases, inputs, geometry, targets, settings.lam)
+    layer = _Layer(weights, inputs, targets, settings.lam)
     descent_iterations = 0
 
     def keep_top(scores: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {name: _keep(scores[name], rules[name], settings, geometry) for name in targets}
+        return {name: _keep(scores[name], rules[name], settings, layer.head_dim) for name in targets}
 
     start = layer.dense
     if settings.mask == "magnitude":
@@ -191,16 +250,10 @@ def prune_attention(
         seconds=time.perf_counter() - start_time)
 
 
-def apply_mask(weight: Tensor, keep: Tensor) -> Tensor:
-    """Pruned entries set to +0.0 (multiplying by the mask would leave -0.0 for negative weights, which a
-    sparse format storing "non-zeros" would then keep or lose inconsistently)."""
-    return weight.masked_fill(~keep, 0.0)
-
-
-def _keep(scores: Tensor, rule: PruneRule, settings: AttentionSettings, geometry: AttentionGeometry) -> Tensor:
+def _keep(scores: Tensor, rule: PruneRule, settings: AttentionSettings, head_dim: int) -> Tensor:
     if rule.n_m is not None:
         return n_m_mask(scores, *rule.n_m)
-    return topk_mask(scores, rule.sparsity, settings.group, rows_per_group=geometry.head_dim)
+    return topk_mask(scores, rule.sparsity, settings.group, rows_per_group=head_dim)
 
 
 def _input_statistics(inputs: AttentionInputs, hessian: bool) -> InputStatistics:
@@ -212,28 +265,3 @@ def _input_statistics(inputs: AttentionInputs, hessian: bool) -> InputStatistics
 
 def _rms(t: Tensor) -> float:
     return float(t.pow(2).mean().sqrt()) or 1.0
-
-
-def prune_linear(weight: Tensor, rule: PruneRule, stats: InputStatistics | None,
-                 settings: SparseGPTSettings) -> Tensor:
-    """A linear baseline on one weight; magnitude and Wanda keep the surviving values bit for bit, SparseGPT
-    updates them to compensate for the pruned ones."""
-    if rule.method == "magnitude":
-        return apply_mask(weight, magnitude_mask(weight, rule.sparsity, n_m=rule.n_m))
-    if stats is None:
-        raise ValueError(f"{rule.method} needs calibration statistics of the layer input")
-    if rule.method == "wanda":
-        return apply_mask(weight, wanda_mask(weight.float(), stats.column_norms, rule.sparsity, n_m=rule.n_m))
-    if rule.method == "sparsegpt":
-        updated, _ = sparsegpt(weight, stats.hessian, rule.sparsity, n_m=rule.n_m, blocksize=settings.blocksize,
-                               percdamp=settings.percdamp)
-        return updated
-    raise ValueError(f"{rule.method!r} is not a linear pruning method")
-
-
-def _as_solve(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.to(SOLVE_DTYPE)
-
-
-def _rows(t: Tensor | None, rows: slice) -> Tensor | None:
-    return None if t is None else t[rows]
