@@ -88,6 +88,12 @@ VARIANTS = {
     "wanda+vo+mlp 60 it lr 0.02": Variant(vo=Refit(60, lr=0.02), mlp=Refit(60, lr=0.02)),
     "wanda+vo+mlp/residual-targets 60 it lr 0.02": Variant(vo=Refit(60, lr=0.02), mlp=Refit(60, lr=0.02),
                                                            targets="residual"),
+    "wanda+vo+mlp/pruned-targets 60 it lr 0.02": Variant(vo=Refit(60, lr=0.02), mlp=Refit(60, lr=0.02),
+                                                         targets="pruned"),
+    # for 32 calibration sequences: each step still sees 4 of them
+    "wanda+vo+mlp/pruned-targets 60 it lr 0.02 seqs 1/8": Variant(
+        vo=Refit(60, lr=0.02, sequence_fraction=0.125), mlp=Refit(60, lr=0.02, sequence_fraction=0.125),
+        targets="pruned"),
     "wanda+vo+mlp rows 1/16 all seqs": Variant(vo=Refit(row_fraction=1 / 16, sequence_fraction=1.0),
                                                mlp=Refit(row_fraction=1 / 16, sequence_fraction=1.0)),
 }
@@ -241,11 +247,11 @@ def prune_layer(adapter, index: int, layer, pruned_in: list[LayerInput], dense_i
     return pruned_out, dense_out, log
 
 
-def prune_whole_layer(model, tokenizer, variant: Variant, structure: str, seed: int = 0,
+def prune_whole_layer(model, tokenizer, variant: Variant, structure: str, calibration: int = 8, seed: int = 0,
                       layers: int | None = None) -> list[LayerLog]:
     """The method on every decoder layer (or the first ``layers``), in order."""
     adapter = get_adapter(model)
-    sequences = load_calibration(CalibrationSpec(num_samples=8, seq_len=512), tokenizer).sequences
+    sequences = load_calibration(CalibrationSpec(num_samples=calibration, seq_len=512), tokenizer).sequences
     with torch.no_grad():
         pruned = capture_layer_inputs(model, adapter.layers(model), sequences)
     dense = None if variant.targets == "pruned" else pruned
@@ -260,10 +266,10 @@ def prune_whole_layer(model, tokenizer, variant: Variant, structure: str, seed: 
     return logs
 
 
-def prune_baseline(model, tokenizer, name: str, structure: str) -> None:
+def prune_baseline(model, tokenizer, name: str, structure: str, calibration: int) -> None:
     method = name.split()[0]
-    AttentionPruner(rules=[{"modules": list(MODULES), "method": method, **rule_kwargs(structure)}]).prune_model(
-        model, tokenizer, progress=False)
+    AttentionPruner(rules=[{"modules": list(MODULES), "method": method, **rule_kwargs(structure)}],
+                    calibration={"num_samples": calibration}).prune_model(model, tokenizer, progress=False)
 
 
 def evaluate(model, tokenizer, windows: int, c4_docs: int) -> dict[str, float]:
@@ -272,19 +278,20 @@ def evaluate(model, tokenizer, windows: int, c4_docs: int) -> dict[str, float]:
     return {"wikitext2_valid_ppl": wiki.perplexity, "c4_dev_ppl": c4.perplexity}
 
 
-def run(name: str, structure: str, windows: int, c4_docs: int) -> dict:
+def run(name: str, structure: str, windows: int, c4_docs: int, calibration: int) -> dict:
     tokenizer = load_tokenizer()
     model = load_model().eval()
     start, wall = time.process_time(), time.perf_counter()
     logs: list[LayerLog] = []
     if name in BASELINES:
-        prune_baseline(model, tokenizer, name, structure)
+        prune_baseline(model, tokenizer, name, structure, calibration)
     elif name != "dense":
-        logs = prune_whole_layer(model, tokenizer, VARIANTS[name], structure)
+        logs = prune_whole_layer(model, tokenizer, VARIANTS[name], structure, calibration)
     seconds, wall = time.process_time() - start, time.perf_counter() - wall
     record = {"setting": name, "structure": structure, "prune_seconds": seconds if name != "dense" else None,
               "prune_wall_seconds": wall if name != "dense" else None,
               **evaluate(model, tokenizer, windows, c4_docs), "windows": windows, "c4_docs": c4_docs,
+              "calibration": calibration,
               "variant": asdict(VARIANTS[name]) if name in VARIANTS else None,
               "layers": [asdict(log) for log in logs]}
     print(f"{name:34s} {structure:5s} wiki.valid {record['wikitext2_valid_ppl']:8.3f} c4 dev "
@@ -293,19 +300,24 @@ def run(name: str, structure: str, windows: int, c4_docs: int) -> dict:
 
 
 def markdown(records: list[dict]) -> str:
-    lines = ["Whole model (every linear of every layer), SmolLM2-135M, calibration C4 rows 0-7 x 512 tokens; "
-             "development perplexities (WikiText-2 wiki.valid.raw, first windows of 512; C4 rows from 1128, 512 "
-             "tokens); one core (taskset -c 1). Ratios are to the better baseline at the same structure.", "",
-             "| structure | setting | WikiText-2 valid ppl | C4 dev ppl | wiki ratio | C4 ratio | prune CPU s | "
-             "CPU time ratio to SparseGPT |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["Whole model (every linear of every layer), SmolLM2-135M, calibration C4 rows from 0 x 512 tokens "
+             "(calib = sequences); development perplexities (WikiText-2 wiki.valid.raw, first windows of 512; C4 rows "
+             "from 1128, 512 tokens); CPU seconds of one thread (taskset -c 1). Ratios are to the better baseline "
+             "at the same structure and calibration (8 sequences where no baseline ran at that amount).", "",
+             "| structure | calib | setting | WikiText-2 valid ppl | C4 dev ppl | wiki ratio | C4 ratio | "
+             "prune CPU s | CPU time ratio to SparseGPT |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        same = [b for b in records if b["structure"] == r["structure"] and b["setting"] in BASELINES
-                and b["windows"] == r["windows"] and b["c4_docs"] == r["c4_docs"]]
+        comparable = [b for b in records if b["structure"] == r["structure"] and b["setting"] in BASELINES
+                      and b["windows"] == r["windows"] and b["c4_docs"] == r["c4_docs"]]
+        calibration = r.get("calibration", 8)
+        same = [b for b in comparable if b.get("calibration", 8) == calibration] or [
+            b for b in comparable if b.get("calibration", 8) == 8]
         best = {k: min((b[k] for b in same), default=None) for k in ("wikitext2_valid_ppl", "c4_dev_ppl")}
         sgpt = next((b["prune_seconds"] for b in same if b["setting"] == "sparsegpt everywhere"), None)
         ratio = {k: f"{r[k] / best[k]:.3f}" if best[k] else "–" for k in best}
         seconds = r["prune_seconds"]
-        lines.append(f"| {r['structure']} | {r['setting']} | {r['wikitext2_valid_ppl']:.2f} | {r['c4_dev_ppl']:.2f} | "
+        lines.append(f"| {r['structure']} | {calibration} | {r['setting']} | {r['wikitext2_valid_ppl']:.2f} | "
+                     f"{r['c4_dev_ppl']:.2f} | "
                      f"{ratio['wikitext2_valid_ppl']} | {ratio['c4_dev_ppl']} | "
                      f"{'–' if seconds is None else f'{seconds:.0f}'} | "
                      f"{f'{seconds / sgpt:.2f}' if seconds and sgpt else '–'} |")
@@ -317,6 +329,7 @@ def main() -> None:
     parser.add_argument("--structure", default="0.5", help="sparsity (e.g. 0.5) or N:M (e.g. 2:4)")
     parser.add_argument("--only", nargs="+", choices=["dense", *BASELINES, *VARIANTS], help="settings to run")
     parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--calibration", type=int, default=8, help="calibration sequences (C4 rows from 0)")
     parser.add_argument("--c4-docs", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--overwrite", action="store_true", help="replace existing records of the same setting")
@@ -329,14 +342,15 @@ def main() -> None:
         return
     path = args.out / "whole_layer_dev.json"
     records = json.loads(path.read_text()) if path.exists() else []
-    key = lambda r: (r["setting"], r["structure"], r["windows"], r["c4_docs"])  # noqa: E731
+    key = lambda r: (r["setting"], r["structure"], r["windows"], r["c4_docs"], r.get("calibration", 8))  # noqa: E731
     names = args.only or ["dense", *BASELINES, *VARIANTS]
     for name in names:
-        probe = {"setting": name, "structure": args.structure, "windows": args.windows, "c4_docs": args.c4_docs}
+        probe = {"setting": name, "structure": args.structure, "windows": args.windows, "c4_docs": args.c4_docs,
+                 "calibration": args.calibration}
         if any(key(r) == key(probe) for r in records) and not args.overwrite:
             print(f"{name}: already in {path}, skipped (--overwrite replaces it)", file=sys.stderr)
             continue
-        record = run(name, args.structure, args.windows, args.c4_docs)
+        record = run(name, args.structure, args.windows, args.c4_docs, args.calibration)
         records = [r for r in records if key(r) != key(record)] + [record]
         args.out.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
