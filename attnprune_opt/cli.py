@@ -10,6 +10,7 @@ import argparse
 import json
 import signal
 import sys
+from typing import Any
 from pathlib import Path
 
 from .errors import AttnPruneError
@@ -30,18 +31,19 @@ def _device_map(value: str | None):
 def cmd_prune(args: argparse.Namespace) -> int:
     from .atomic import check_free_space, check_output_dir
     from .data.calibration import check_source
+    from .distributed import current_world
     from .export.save import shard_bytes
     from .models.loading import DEFAULT_MODEL, check_model_source, load_model, load_tokenizer
     from .pruner import AttentionPruner
 
     pruner = AttentionPruner.from_recipe(args.recipe)
-    if args.layers is not None or args.refit_iterations is not None:
-        config = pruner.to_dict()
-        if args.layers is not None:
-            config["layers"] = args.layers
-        if args.refit_iterations is not None:
-            config["attention"]["refit_iterations"] = args.refit_iterations
-        pruner = AttentionPruner.from_dict(config)
+    changes: dict[str, Any] = {}
+    if args.layers is not None:
+        changes["layers"] = args.layers
+    if args.refit_iterations is not None:
+        changes["attention"] = {"refit_iterations": args.refit_iterations}
+    if changes:
+        pruner = AttentionPruner.from_dict(pruner.config.with_changes(**changes).to_dict())
     # Everything that can be checked before the expensive part.
     check_output_dir(args.output, args.overwrite)
     shard_bytes(args.max_shard_size)
@@ -57,6 +59,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     pruner.prune_model(model, tokenizer, progress=not args.quiet)
     out = pruner.save(model, args.output, overwrite=args.overwrite, format=args.format,
                       max_shard_size=args.max_shard_size)
+    if not current_world().is_main:  # torchrun: rank 0 wrote the output and reports it
+        return 0
     print(pruner.report.to_markdown())
     print(f"\n{_sizes_line(out)}\nsaved to {out}")
     return 0

@@ -143,7 +143,7 @@ def test_stacked_expert_weights_are_measured_per_expert_and_refused_by_the_bitma
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
     """Pruned whole-model at 50%, saved dense, and bitmask in several shards."""
-    model, pruner = pruned_tiny_model({**WHOLE_MODEL, "attention": {"iterations": 5, "refit_iterations": 3}})
+    model, pruner = pruned_tiny_model({**WHOLE_MODEL, "attention": {"refit_iterations": 3}})
     root = tmp_path_factory.mktemp("pruned")
     pruner.save(model, root / "dense")
     pruner.save(model, root / "bitmask", format="bitmask", max_shard_size=60_000)

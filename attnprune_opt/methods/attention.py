@@ -1,4 +1,5 @@
-"""Applying a recipe rule to weights: the method on q_proj/k_proj, a linear baseline on any other linear.
+"""The paper's method on q_proj/k_proj: choose the pattern, then refit the kept q/k values to the softmax-attention
+objective (docs/method.md sections 4, 7 and 7b).
 
 Pure tensor code over weights and captured inputs (no model objects), so it can be tested on its own.
 """
@@ -8,27 +9,85 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
-from ..config import AttentionSettings, PruneRule, SparseGPTSettings
 from ..core import (
     AttentionSpec,
     FactoredAttentionObjective,
     InputStatistics,
     SolverConfig,
-    magnitude_mask,
     n_m_mask,
     solve,
     sparsegpt,
     topk_mask,
-    wanda_mask,
 )
-from ..core.objective import KeptWeightsObjective
+from ..core.objective import KeptWeightsObjective, SequenceCatalog
 from ..core.solver import AdamConfig, StepCallback, adam
+from ..distributed import SINGLE, World
+from .base import MethodSettings, PruningMethod, register_method
+from .magnitude import apply_mask
+from .sparsegpt import SparseGPTSettings
+
+if TYPE_CHECKING:
+    from ..config import PruneRule
 
 SOLVE_DTYPE = torch.float32
+
+
+class AttentionSettings(MethodSettings):
+    """How the binary pattern is chosen (``mask``), the paper's descent (used when ``mask`` is ``descent``), and the
+    refit of the kept weights to the attention loss.
+
+    The refit's steps are stochastic by default: each sees a share of the calibration sequences and of their query
+    rows (benchmarks/speed.py; docs/method.md section 7b). ``refit_row_fraction: 1`` with ``refit_sequence_fraction:
+    1`` and 50 iterations is the exact solver of version 0.1."""
+
+    mask: Literal["descent", "wanda", "magnitude", "sparsegpt"] = "wanda"
+    lam: float = Field(default=0.01, ge=0.0, allow_inf_nan=False)
+    iterations: int = Field(default=100, ge=0)
+    step_size: float = Field(default=0.05, gt=0.0, allow_inf_nan=False)
+    tol: float = Field(default=1e-6, ge=0.0)
+    line_search: bool = True
+    group: Literal["row", "head", "matrix"] = "row"
+    score: Literal["mask", "mask_weight"] = "mask_weight"
+    refit_iterations: int = Field(default=100, ge=0)
+    refit_lr: float = Field(default=0.01, gt=0.0, allow_inf_nan=False)
+    refit_row_fraction: float = Field(default=0.125, gt=0.0, le=1.0, allow_inf_nan=False)
+    refit_sequence_fraction: float = Field(default=0.5, gt=0.0, le=1.0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _sparsegpt_groups(self) -> AttentionSettings:
+        if self.mask == "sparsegpt" and self.group == "head":
+            raise ValueError("mask 'sparsegpt' selects per row or per matrix, not per head")
+        return self
+
+    def unused(self) -> dict[str, str]:
+        unused = {}
+        if self.mask != "descent":
+            unused.update(dict.fromkeys(("lam", "iterations", "step_size", "tol", "line_search", "score"),
+                                        f"read only with mask 'descent', not {self.mask!r}"))
+        if self.refit_iterations == 0:
+            unused.update(dict.fromkeys(("refit_lr", "refit_row_fraction", "refit_sequence_fraction"),
+                                        "read only when refit_iterations > 0"))
+        return unused
+
+    def reads_settings_of(self) -> tuple[str, ...]:
+        return ("sparsegpt",) if self.mask == "sparsegpt" else ()
+
+
+@register_method
+class Attention(PruningMethod):
+    """Joint: q_proj and k_proj of a layer are fitted together against the layer's attention probabilities."""
+
+    name = "attention"
+    settings = AttentionSettings
+    roles = ("q_proj", "k_proj")
+    joint = True
+
 
 
 @dataclass
@@ -38,6 +97,7 @@ class AttentionInputs:
 
     xs: list[Tensor]
     spec: AttentionSpec
+    catalog: SequenceCatalog | None = None  # where xs sit among every rank's sequences (data-parallel runs)
 
     def batches(self) -> list[Tensor]:
         """Sequences of equal length stacked into one batch each (attention never crosses sequences)."""
@@ -72,39 +132,44 @@ class _Layer:
     """
 
     def __init__(self, weights: dict[str, Tensor], inputs: AttentionInputs, targets: tuple[str, ...],
-                 lam: float) -> None:
+                 lam: float, world: World = SINGLE) -> None:
         self.targets = targets  # "q_proj" and/or "k_proj"
         self.dense = {name: weights[name].to(SOLVE_DTYPE) for name in ("q_proj", "k_proj")}
         self.batches = inputs.batches()
+        self.catalog = inputs.catalog
         self.spec = inputs.spec.to(SOLVE_DTYPE)
         self.head_dim = self.spec.head_dim
         self.kv_heads = self.dense["k_proj"].shape[0] // self.head_dim
         self.lam = lam
+        self.world = world
+        rows = sum(b.shape[0] * b.shape[1] for b in self.batches)
+        self.share = rows / world.total(rows)  # of the calibration rows, on this rank
         self.objective = self._objective(slice(None), slice(None))
 
     def _objective(self, q_rows: slice, k_rows: slice) -> FactoredAttentionObjective:
         spec = self.spec if q_rows == slice(None) else self.spec.group_rows(q_rows, k_rows)
         return FactoredAttentionObjective(
             self.batches, self.dense["q_proj"][q_rows], self.dense["k_proj"][k_rows], spec, lam=self.lam,
-            optimize=tuple(name[0] for name in self.targets))
+            optimize=tuple(name[0] for name in self.targets), catalog=self.catalog)
 
     def error(self, weights: dict[str, Tensor]) -> float:
         """Relative attention error of the layer with these q/k weights (dense where not given)."""
         full = {**self.dense, **{name: w.to(SOLVE_DTYPE) for name, w in weights.items()}}
-        return self.objective.squared_error(full["q_proj"], full["k_proj"]) / self.objective.target_energy
+        squared_error = self.objective.squared_error(full["q_proj"], full["k_proj"])
+        return self.world.total(squared_error) / self.world.total(self.objective.target_energy)
 
     def descent(self, solver: SolverConfig) -> tuple[dict[str, Tensor], int]:
         """Algorithm 1 per KV group (all heads at once when a norm couples them): the relaxed masks M_T assembled
         over the whole matrices."""
         if not self.spec.heads_separate:
-            result = solve(self.objective, solver)
+            result = solve(self._reduced(self.objective), solver)
             return dict(zip(self.targets, result.masks)), result.iterations
         relaxed = {name: torch.ones_like(self.dense[name]) for name in self.targets}
         head_dim = self.head_dim
         iterations, q_rows = 0, self.dense["q_proj"].shape[0] // self.kv_heads
         for g in range(self.kv_heads):
             rows = {"q_proj": slice(g * q_rows, (g + 1) * q_rows), "k_proj": slice(g * head_dim, (g + 1) * head_dim)}
-            result = solve(self._objective(rows["q_proj"], rows["k_proj"]), solver)
+            result = solve(self._reduced(self._objective(rows["q_proj"], rows["k_proj"])), solver)
             for name, mask in zip(self.targets, result.masks):
                 relaxed[name][rows[name]] = mask
             iterations = max(iterations, result.iterations)
@@ -114,8 +179,22 @@ class _Layer:
               callback: StepCallback | None = None) -> tuple[dict[str, Tensor], list[float]]:
         """Adam on the kept entries against the attention loss; pruned entries stay exactly zero."""
         kept = self.kept_objective(start, keep)
-        result = adam(kept, config, tuple(_rms(self.dense[name]) for name in self.targets), callback)
+        result = adam(self._reduced(kept), config, tuple(_rms(self.dense[name]) for name in self.targets), callback)
         return self.fitted(kept, result.masks, keep), result.loss_history
+
+    def _reduced(self, objective):
+        """The objective over every rank's sequences (itself in a single process)."""
+        return objective if self.world.size == 1 else _RankSum(objective, self.world, self.share)
+
+    def input_statistics(self, inputs: AttentionInputs, hessian: bool) -> InputStatistics:
+        """Statistics of the attention inputs of every rank."""
+        stats = InputStatistics(inputs.xs[0].shape[-1], hessian=hessian)
+        for x in inputs.xs:
+            stats.update(x)
+        for tensor in (stats.hessian, stats.squared_norms):
+            if tensor is not None:
+                self.world.sum(tensor)
+        return stats
 
     def kept_objective(self, start: dict[str, Tensor], keep: dict[str, Tensor]) -> KeptWeightsObjective:
         return KeptWeightsObjective(self.objective, keep={name[0]: keep[name] for name in self.targets},
@@ -142,6 +221,7 @@ def prune_attention(
     settings: AttentionSettings,
     sparsegpt_settings: SparseGPTSettings = SparseGPTSettings(),
     seed: int = 0,
+    world: World = SINGLE,
 ) -> AttentionResult:
     """The method on one layer's q_proj/k_proj: choose the pattern (``settings.mask``), then refit the kept
     weights to the non-linear attention objective (``settings.refit_*``; ``seed`` draws the sampled rows).
@@ -151,7 +231,7 @@ def prune_attention(
     """
     start_time = time.perf_counter()
     targets = tuple(name for name in ("q_proj", "k_proj") if name in rules)
-    layer = _Layer(weights, inputs, targets, settings.lam)
+    layer = _Layer(weights, inputs, targets, settings.lam, world)
     descent_iterations = 0
 
     def keep_top(scores: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -161,10 +241,10 @@ def prune_attention(
     if settings.mask == "magnitude":
         keep = keep_top({name: layer.dense[name].abs() for name in targets})
     elif settings.mask == "wanda":
-        norms = _input_statistics(inputs, hessian=False).column_norms.to(SOLVE_DTYPE)
+        norms = layer.input_statistics(inputs, hessian=False).column_norms.to(SOLVE_DTYPE)
         keep = keep_top({name: layer.dense[name].abs() * norms for name in targets})
     elif settings.mask == "sparsegpt":  # its pattern, and its updated weights as the refit's start
-        hessian = _input_statistics(inputs, hessian=True).hessian
+        hessian = layer.input_statistics(inputs, hessian=True).hessian
         solved = {name: sparsegpt(layer.dense[name], hessian, rules[name].sparsity, n_m=rules[name].n_m,
                                   group="row" if settings.group == "row" else "matrix",
                                   blocksize=sparsegpt_settings.blocksize, percdamp=sparsegpt_settings.percdamp)
@@ -192,43 +272,35 @@ def prune_attention(
         seconds=time.perf_counter() - start_time)
 
 
-def apply_mask(weight: Tensor, keep: Tensor) -> Tensor:
-    """Pruned entries set to +0.0 (multiplying by the mask would leave -0.0 for negative weights, which a
-    sparse format storing "non-zeros" would then keep or lose inconsistently)."""
-    return weight.masked_fill(~keep, 0.0)
-
-
 def _keep(scores: Tensor, rule: PruneRule, settings: AttentionSettings, head_dim: int) -> Tensor:
     if rule.n_m is not None:
         return n_m_mask(scores, *rule.n_m)
     return topk_mask(scores, rule.sparsity, settings.group, rows_per_group=head_dim)
 
 
-def _input_statistics(inputs: AttentionInputs, hessian: bool) -> InputStatistics:
-    stats = InputStatistics(inputs.xs[0].shape[-1], hessian=hessian)
-    for x in inputs.xs:
-        stats.update(x)
-    return stats
-
-
 def _rms(t: Tensor) -> float:
     return float(t.pow(2).mean().sqrt()) or 1.0
 
 
-def prune_linear(weight: Tensor, rule: PruneRule, stats: InputStatistics | None,
-                 settings: SparseGPTSettings) -> Tensor:
-    """A linear baseline on one weight; magnitude and Wanda keep the surviving values bit for bit, SparseGPT
-    updates them to compensate for the pruned ones."""
-    if rule.method == "magnitude":
-        return apply_mask(weight, magnitude_mask(weight, rule.sparsity, n_m=rule.n_m))
-    if stats is None:
-        raise ValueError(f"{rule.method} needs calibration statistics of the layer input")
-    if rule.method == "wanda":
-        return apply_mask(weight, wanda_mask(weight.float(), stats.column_norms, rule.sparsity, n_m=rule.n_m))
-    if rule.method == "sparsegpt":
-        updated, _ = sparsegpt(weight, stats.hessian, rule.sparsity, n_m=rule.n_m, blocksize=settings.blocksize,
-                               percdamp=settings.percdamp)
-        return updated
-    raise ValueError(f"{rule.method!r} is not a linear pruning method")
+class _RankSum:
+    """An objective summed over ranks: each rank's loss and gradient (normalised over its own rows) are weighted by
+    its share of all rows and all-reduced, which is the objective normalised over every rank's rows. Sampled steps
+    stay unbiased: each rank's estimate is unbiased for its own part."""
 
+    def __init__(self, objective, world: World, share: float) -> None:
+        self.objective, self.world, self.share = objective, world, share
 
+    def initial_params(self) -> tuple[Tensor, ...]:
+        return self.objective.initial_params()
+
+    def sample(self, row_fraction: float, sequence_fraction: float, generator: torch.Generator):
+        return self.objective.sample(row_fraction, sequence_fraction, generator)
+
+    def loss(self, params: tuple[Tensor, ...]) -> float:
+        return self.world.total(self.share * self.objective.loss(params))
+
+    def loss_and_grad(self, params: tuple[Tensor, ...], sample=None) -> tuple[float, tuple[Tensor, ...]]:
+        args = (params,) if sample is None else (params, sample)
+        value, grads = self.objective.loss_and_grad(*args)
+        return (self.world.total(self.share * value),
+                tuple(self.world.sum(self.share * grad) for grad in grads))
