@@ -14,6 +14,7 @@ from attnprune_opt.export.manifest import read_manifest
 from attnprune_opt.models.registry import get_adapter
 from tiny_models import (
     VOCAB,
+    WHOLE_MODEL,
     assert_adapter_recomputes_attention,
     assert_exact_sparsity,
     assert_qk_at_half_prunes_only_qk,
@@ -23,12 +24,9 @@ from tiny_models import (
 )
 
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
-WHOLE_MODEL = dict(
-    rules=[{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5},
-           {"modules": ["v_proj", "o_proj", "up_proj", "down_proj"], "method": "sparsegpt", "sparsity": 0.5}],
-    attention={"iterations": 15},
-    sparsegpt={"blocksize": 32},
-)
+WHOLE_MODEL = {**WHOLE_MODEL, "rules": [  # GPT-NeoX has no gate_proj
+    WHOLE_MODEL["rules"][0], {"modules": ["v_proj", "o_proj", "up_proj", "down_proj"], "method": "sparsegpt",
+                              "sparsity": 0.5}]}
 
 
 def tiny_neox(**overrides):
