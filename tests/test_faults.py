@@ -20,7 +20,7 @@ import yaml
 from attnprune_opt import load_pruned_model
 from attnprune_opt.atomic import atomic_output_dir, recover
 from attnprune_opt.cli import main
-from attnprune_opt.errors import ArtifactError
+from attnprune_opt.errors import ArtifactError, UnsupportedArchitectureError
 from attnprune_opt.export.manifest import MANIFEST_NAME, SparsitySummary, read_manifest
 from attnprune_opt.export.verify import verify_pruned_folder
 from tiny_models import QK_ONLY, pruned_tiny_model, save_tiny_model_folder
@@ -135,6 +135,18 @@ def test_older_schema(folder, capsys):
     edit_manifest(folder, lambda m: m.update(schema_version=2))
     assert_named(folder, r"attnprune_manifest.json: schema_version 2, expected 3 \(written by another version of "
                          r"attnprune-opt\)", capsys)
+
+
+def test_config_json_the_adapter_cannot_read(folder):
+    """Which matrices were pruned is read from config.json by the family's adapter: a bad one is named."""
+    config = json.loads((folder / "config.json").read_text())
+    for edit, error, message in (({"model_type": "gpt2"}, UnsupportedArchitectureError,
+                                   r"config.json: model_type 'gpt2' is not supported; supported: .*llama"),
+                                  ({"num_hidden_layers": "two"}, ArtifactError,
+                                   r"config.json: not a valid llama config \(.*num_hidden_layers")):
+        (folder / "config.json").write_text(json.dumps({**config, **edit}))
+        with pytest.raises(error, match=message):
+            verify_pruned_folder(folder, hashes=False, weights=True)
 
 
 def test_other_manifest_edit(folder, capsys):

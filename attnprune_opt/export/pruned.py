@@ -18,7 +18,7 @@ from torch import Tensor
 from ..config import PrunerConfig, PruneRule
 from ..errors import ArtifactError, ConfigError, UnsupportedArchitectureError
 from ..models.base import Prunable
-from ..models.registry import adapter_for_config, supported_model_types
+from ..models.registry import adapter_for_config
 from .bitmask import SPARSE_24_BITMASK, SPARSE_BITMASK
 from .folder import CONFIG_NAME, read_json
 
@@ -101,19 +101,23 @@ def prune_plan(model_config: Any, config: PrunerConfig) -> PrunePlan:
 
 def folder_plan(folder: Path, config: PrunerConfig) -> PrunePlan:
     """What ``config`` prunes in the model saved in ``folder``, from its config.json (no remote code)."""
-    from transformers import AutoConfig
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     path = folder / CONFIG_NAME
     data = read_json(path)
     model_type = data.pop("model_type", None)
-    if model_type not in supported_model_types():
-        raise UnsupportedArchitectureError(f"{path}: model_type {model_type!r} is not supported; supported: "
-                                           f"{', '.join(supported_model_types())}")
+    if model_type not in CONFIG_MAPPING:
+        raise UnsupportedArchitectureError(f"{path}: model_type {model_type!r} is not known to transformers")
     try:
         model_config = AutoConfig.for_model(model_type, **data)
-    except (ValueError, TypeError) as err:
-        raise ArtifactError(f"{path}: not a valid {model_type} config ({str(err).splitlines()[0]})") from None
-    return prune_plan(model_config, config)
+    except (ValueError, TypeError, StrictDataclassError) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise ArtifactError(f"{path}: not a valid {model_type} config ({reason})") from None
+    try:
+        return prune_plan(model_config, config)
+    except UnsupportedArchitectureError as err:
+        raise UnsupportedArchitectureError(f"{path}: {err}") from None
 
 
 def kept_per_row(tensor: Tensor) -> Tensor:
