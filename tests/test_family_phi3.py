@@ -6,9 +6,11 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import Phi3Config
 
 from attnprune_opt import AttentionPruner
+from attnprune_opt.export.convert import export_pruned
 from attnprune_opt.export.manifest import read_manifest
 from attnprune_opt.models.registry import get_adapter
 from tiny_models import (
@@ -90,6 +92,18 @@ def test_save_and_load_are_exact_with_one_manifest_entry_per_fused_part(whole_mo
     assert len(manifest.sparsity.modules) == 14
     assert all(entry.sparsity == 0.5 for entry in manifest.sparsity.modules.values())
     assert manifest.sparsity.modules["model.layers.1.mlp.gate_up_proj.weight[up_proj]"].numel == 96 * 64
+
+
+def test_export_converts_fused_tensors_both_ways(whole_model, tmp_path):
+    model, _, pruner, _ = whole_model
+    for format in ("dense", "bitmask"):
+        pruner.save(model, tmp_path / "saved" / format, format=format)
+    for source, format in (("bitmask", "dense"), ("dense", "bitmask")):
+        export_pruned(tmp_path / "saved" / source, tmp_path / format, format)
+        exported, saved = (load_file(root / format / "model.safetensors") for root in (tmp_path, tmp_path / "saved"))
+        assert exported.keys() == saved.keys()
+        assert all(torch.equal(exported[key], tensor) for key, tensor in saved.items()), format
+        assert read_manifest(tmp_path / format).sparsity == read_manifest(tmp_path / "saved" / format).sparsity
 
 
 @pytest.mark.parametrize("roles, layout", [(["q_proj", "k_proj"], "sparse-bitmask"),
