@@ -1,6 +1,7 @@
 """Data-parallel pruning under torchrun: the calibration sequences are split across ranks and every sum over them
 (input statistics, the attention loss and its gradient, the attention error) is all-reduced, so each rank computes
-the same pruned weights; rank 0 then broadcasts them anyway and alone writes the output.
+the same pruned q/k; the per-matrix methods' matrices are shared out (each rank prunes every N-th and broadcasts
+it); rank 0 alone writes the output.
 
 A single process (no torchrun, no process group) uses :data:`SINGLE`, whose operations do nothing: torch.distributed
 is imported only when a launcher set ``WORLD_SIZE`` > 1 or the caller initialised a process group itself.
@@ -62,12 +63,12 @@ class World:
 
         return float(self.sum(torch.tensor([value], dtype=torch.float64)))
 
-    def broadcast(self, tensor: Tensor) -> Tensor:
-        """Rank 0's ``tensor`` on every rank (in place, and returned)."""
+    def broadcast(self, tensor: Tensor, source: int = 0) -> Tensor:
+        """Rank ``source``'s ``tensor`` on every rank (in place, and returned)."""
         if self.size > 1:
             import torch.distributed as dist
 
-            self._collective("broadcast", lambda: dist.broadcast(tensor, src=0))
+            self._collective("broadcast", lambda: dist.broadcast(tensor, src=source))
         return tensor
 
     def barrier(self) -> None:
