@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from torch import Tensor
@@ -31,6 +31,7 @@ class World:
 
     rank: int = 0
     size: int = 1
+    sent: dict[str, int] = field(default_factory=dict, compare=False)  # bytes passed to each kind of collective
 
     @property
     def is_main(self) -> bool:
@@ -52,7 +53,7 @@ class World:
         if self.size > 1:
             import torch.distributed as dist
 
-            self._collective("all_reduce", lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM))
+            self._collective("all_reduce", lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM), tensor)
         return tensor
 
     def total(self, value: float) -> float:
@@ -68,7 +69,7 @@ class World:
         if self.size > 1:
             import torch.distributed as dist
 
-            self._collective("broadcast", lambda: dist.broadcast(tensor, src=source))
+            self._collective("broadcast", lambda: dist.broadcast(tensor, src=source), tensor)
         return tensor
 
     def barrier(self) -> None:
@@ -77,8 +78,10 @@ class World:
 
             self._collective("barrier", dist.barrier)
 
-    def _collective(self, name: str, run) -> None:
+    def _collective(self, name: str, run, tensor: Tensor | None = None) -> None:
         """Run a collective; a lost or stuck peer becomes one :class:`DistributedError` on every surviving rank."""
+        if tensor is not None:
+            self.sent[name] = self.sent.get(name, 0) + tensor.numel() * tensor.element_size()
         try:
             run()
         except RuntimeError as exc:
