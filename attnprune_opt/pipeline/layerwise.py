@@ -21,6 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import PrunerConfig, PruneRule
+from ..core.objective import SequenceCatalog
+from ..distributed import SINGLE, World
 from ..errors import CalibrationDataError, ConfigError, NonFiniteWeightsError
 from ..models.base import ATTENTION_ROLES, DecoderAdapter, read_matrix, write_matrices
 from ..methods.attention import AttentionInputs, AttentionResult, prune_attention
@@ -114,8 +116,12 @@ def prune_layers(
     config: PrunerConfig,
     progress: bool = True,
     on_layer: Callable[[LayerReport], None] | None = None,
+    world: World = SINGLE,
+    catalog: SequenceCatalog | None = None,
 ) -> list[LayerReport]:
-    """Prune the configured layers in order; returns one report per pruned layer."""
+    """Prune the configured layers in order; returns one report per pruned layer. Under torchrun ``inputs`` are this
+    rank's calibration sequences, ``world`` sums over ranks and ``catalog`` places them among all ranks' sequences
+    (attnprune_opt/distributed.py)."""
     if not inputs:
         raise CalibrationDataError("no calibration sequences reached the first decoder layer")
     layers = adapter.layers(model)
@@ -127,7 +133,7 @@ def prune_layers(
         if index not in indices:
             inputs = run_layer(layer, inputs)
             continue
-        report, dense_outputs = _prune_layer(adapter, index, layer, inputs, config)
+        report, dense_outputs = _prune_layer(adapter, index, layer, inputs, config, world, catalog)
         inputs = dense_outputs if config.propagate == "dense" else run_layer(layer, inputs)
         report.peak_rss_mb = peak_rss_mb()
         reports.append(report)
@@ -139,7 +145,8 @@ def prune_layers(
 
 
 def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: list[LayerInput],
-                 config: PrunerConfig) -> tuple[LayerReport, list[LayerInput]]:
+                 config: PrunerConfig, world: World,
+                 catalog: SequenceCatalog | None) -> tuple[LayerReport, list[LayerInput]]:
     start = time.perf_counter()
     prunables = {p.role: p for p in adapter.prunables(index)}
     rules = {role: rule for role in prunables if (rule := config.rule_for(role)) is not None}
@@ -161,19 +168,28 @@ def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: 
         dense_outputs = run_layer(layer, inputs)
     if not check_finite([o.hidden for o in dense_outputs]):
         raise NonFiniteWeightsError(f"layer {index} produced NaN or infinite activations on the calibration data")
+    for stats in recorded.stats.values():
+        for tensor in (stats.hessian, stats.squared_norms):
+            if tensor is not None:
+                world.sum(tensor)
 
     report = LayerReport(index)
     pruned: dict[str, torch.Tensor] = {}
     if attention_rules:
         result = _prune_attention_modules(adapter, index, layer, recorded.tensors[keep[0]], inputs,
-                                          attention_rules, config)
+                                          attention_rules, config, world, catalog)
         report.attention = AttentionReport(result.error_mask, result.error_final, result.descent_iterations,
                                            result.refit_kept, result.seconds)
         pruned.update(result.weights)
-    for role, rule in rules.items():
-        if role not in attention_rules:
+    for role, weight in pruned.items():  # every rank computed these from the same sums; rank 0's are kept
+        pruned[role] = world.broadcast(weight.contiguous())
+    for i, (role, rule) in enumerate((r, rule) for r, rule in rules.items() if r not in attention_rules):
+        weight = read_matrix(layer, prunables[role])
+        owner = i % world.size  # the matrices are shared out between ranks
+        if world.rank == owner:
             stats = recorded.stats.get(prunables[role].module)
-            pruned[role] = method(rule.method).prune_matrix(read_matrix(layer, prunables[role]), rule, stats, config)
+            weight = method(rule.method).prune_matrix(weight, rule, stats, config).to(weight.dtype)
+        pruned[role] = world.broadcast(weight.contiguous(), owner)
     write_matrices(layer, {prunables[role]: weight for role, weight in pruned.items()})
     for role, rule in rules.items():
         report.modules[role] = _measure(read_matrix(layer, prunables[role]), rule)
@@ -188,14 +204,15 @@ def layer_seed(seed: int, index: int) -> int:
 
 def _prune_attention_modules(adapter: DecoderAdapter, index: int, layer: nn.Module, xs: list[torch.Tensor],
                              inputs: list[LayerInput], rules: dict[str, PruneRule],
-                             config: PrunerConfig) -> AttentionResult:
+                             config: PrunerConfig, world: World,
+                             catalog: SequenceCatalog | None) -> AttentionResult:
     if not check_finite(xs):
         raise NonFiniteWeightsError("attention inputs contain NaN or infinity")
     longest = max(range(len(inputs)), key=lambda i: inputs[i].hidden.shape[1])
     spec = adapter.attention_spec(layer, index, inputs[longest].kwargs)
     weights = {role: read_matrix(layer, adapter.prunable(index, role)) for role in ATTENTION_ROLES}
-    return prune_attention(weights, AttentionInputs(xs, spec), rules, config.attention, config.sparsegpt,
-                           seed=layer_seed(config.seed, index))
+    return prune_attention(weights, AttentionInputs(xs, spec, catalog), rules, config.attention, config.sparsegpt,
+                           seed=layer_seed(config.seed, index), world=world)
 
 
 def _measure(weight: torch.Tensor, rule: PruneRule) -> ModuleReport:
