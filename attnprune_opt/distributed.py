@@ -1,6 +1,7 @@
 """Data-parallel pruning under torchrun: the calibration sequences are split across ranks and every sum over them
 (input statistics, the attention loss and its gradient, the attention error) is all-reduced, so each rank computes
-the same pruned weights; rank 0 then broadcasts them anyway and alone writes the output.
+the same pruned q/k; the per-matrix methods' matrices are shared out (each rank prunes every N-th and broadcasts
+it); rank 0 alone writes the output.
 
 A single process (no torchrun, no process group) uses :data:`SINGLE`, whose operations do nothing: torch.distributed
 is imported only when a launcher set ``WORLD_SIZE`` > 1 or the caller initialised a process group itself.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from torch import Tensor
@@ -30,6 +31,7 @@ class World:
 
     rank: int = 0
     size: int = 1
+    sent: dict[str, int] = field(default_factory=dict, compare=False)  # bytes passed to each kind of collective
 
     @property
     def is_main(self) -> bool:
@@ -51,7 +53,7 @@ class World:
         if self.size > 1:
             import torch.distributed as dist
 
-            self._collective("all_reduce", lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM))
+            self._collective("all_reduce", lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM), tensor)
         return tensor
 
     def total(self, value: float) -> float:
@@ -62,12 +64,12 @@ class World:
 
         return float(self.sum(torch.tensor([value], dtype=torch.float64)))
 
-    def broadcast(self, tensor: Tensor) -> Tensor:
-        """Rank 0's ``tensor`` on every rank (in place, and returned)."""
+    def broadcast(self, tensor: Tensor, source: int = 0) -> Tensor:
+        """Rank ``source``'s ``tensor`` on every rank (in place, and returned)."""
         if self.size > 1:
             import torch.distributed as dist
 
-            self._collective("broadcast", lambda: dist.broadcast(tensor, src=0))
+            self._collective("broadcast", lambda: dist.broadcast(tensor, src=source), tensor)
         return tensor
 
     def barrier(self) -> None:
@@ -76,8 +78,10 @@ class World:
 
             self._collective("barrier", dist.barrier)
 
-    def _collective(self, name: str, run) -> None:
+    def _collective(self, name: str, run, tensor: Tensor | None = None) -> None:
         """Run a collective; a lost or stuck peer becomes one :class:`DistributedError` on every surviving rank."""
+        if tensor is not None:
+            self.sent[name] = self.sent.get(name, 0) + tensor.numel() * tensor.element_size()
         try:
             run()
         except RuntimeError as exc:

@@ -75,6 +75,7 @@ class AttentionPruner:
             model={**(getattr(model, SOURCE_ATTR, None) or {"source": None, "name": type(model).__name__}),
                    "model_type": model.config.model_type, "num_layers": adapter.num_layers},
             calibration=calib.provenance(), layers=layers, world_size=world.size,
+            communicated_bytes=dict(world.sent),
             seconds=time.perf_counter() - start,
             cpu_seconds=time.process_time() - start_cpu,
             peak_rss_mb=peak_rss_mb())

@@ -15,6 +15,7 @@ class PruneReport:
     calibration: dict[str, Any]
     layers: list[LayerReport] = field(default_factory=list)
     world_size: int = 1  # processes that shared the calibration sequences (torchrun)
+    communicated_bytes: dict[str, int] = field(default_factory=dict)  # per collective, sent by this rank
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # all threads of the process: on a shared machine, steadier than wall time
     peak_rss_mb: float = 0.0
@@ -38,6 +39,7 @@ class PruneReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "calibration": self.calibration, "world_size": self.world_size,
+                "communicated_bytes": self.communicated_bytes,
                 "seconds": self.seconds,
                 "cpu_seconds": self.cpu_seconds,
                 "peak_rss_mb": self.peak_rss_mb, "module_sparsity": self.module_sparsity(),

@@ -181,12 +181,16 @@ def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: 
         report.attention = AttentionReport(result.error_mask, result.error_final, result.descent_iterations,
                                            result.refit_kept, result.seconds)
         pruned.update(result.weights)
-    for role, rule in rules.items():
-        if role not in attention_rules:
+    for role, weight in pruned.items():  # every rank computed these from the same sums; rank 0's are kept
+        pruned[role] = world.broadcast(weight.contiguous())
+    for i, (role, rule) in enumerate((r, rule) for r, rule in rules.items() if r not in attention_rules):
+        weight = read_matrix(layer, prunables[role])
+        owner = i % world.size  # the matrices are shared out between ranks
+        if world.rank == owner:
             stats = recorded.stats.get(prunables[role].module)
-            pruned[role] = method(rule.method).prune_matrix(read_matrix(layer, prunables[role]), rule, stats, config)
-    # every rank computed the same weights from the same sums; rank 0's are made the only ones
-    write_matrices(layer, {prunables[role]: world.broadcast(weight.contiguous()) for role, weight in pruned.items()})
+            weight = method(rule.method).prune_matrix(weight, rule, stats, config).to(weight.dtype)
+        pruned[role] = world.broadcast(weight.contiguous(), owner)
+    write_matrices(layer, {prunables[role]: weight for role, weight in pruned.items()})
     for role, rule in rules.items():
         report.modules[role] = _measure(read_matrix(layer, prunables[role]), rule)
     report.seconds = time.perf_counter() - start
