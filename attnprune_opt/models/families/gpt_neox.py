@@ -32,6 +32,10 @@ class GPTNeoXAdapter(DecoderAdapter):
             Prunable("down_proj", "mlp.dense_4h_to_h"),
         )
 
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_heads  # no grouped-query attention
+
     def sliding_window(self, index: int) -> int | None:
         return None
 
