@@ -1,15 +1,12 @@
-"""Tiny random models built from configs, for fast pipeline tests, and the checks every family's test runs."""
+"""Tiny random Llama-family models built from configs, for fast pipeline tests."""
 
 from __future__ import annotations
-
-import copy
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-from attnprune_opt import AttentionPruner, load_pruned_model
 from attnprune_opt.core import multihead_attention_probs
-from attnprune_opt.models.base import ATTENTION_ROLES, read_matrix, write_matrices
+from attnprune_opt.models.base import read_matrix
 from attnprune_opt.models.registry import get_adapter
 from attnprune_opt.pipeline.capture import capture_layer_inputs, record_linear_inputs, run_layer
 
@@ -30,19 +27,6 @@ def tiny_model(kind: str = "llama", seed: int = 0, layers: int = 2, vocab_size_o
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(8)
             layer.self_attn.k_proj.weight.mul_(8)
-    return model
-
-
-def tiny_from_config(config, seed: int = 0):
-    """A random eager model of any supported family whose q/k rows (found by its adapter, fused or not) are scaled
-    up so that attention is far from uniform."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    adapter = get_adapter(model)
-    with torch.no_grad():
-        for index, layer in enumerate(adapter.layers(model)):
-            parts = [adapter.prunable(index, role) for role in ATTENTION_ROLES]
-            write_matrices(layer, {part: read_matrix(layer, part) * 8 for part in parts})
     return model
 
 
@@ -96,54 +80,9 @@ def save_tiny_model_folder(folder, **config) -> None:
 
 def pruned_tiny_model(config: dict):
     """A tiny Llama pruned by ``AttentionPruner(**config)`` on the fixed calibration sequences; (model, pruner)."""
+    from attnprune_opt import AttentionPruner
 
     model = tiny_model("llama")
     pruner = AttentionPruner(**config)
     pruner.prune_model(model, calibration=calibration(), progress=False)
     return model, pruner
-
-
-def assert_exact_sparsity(model, dense, pruned: dict[str, float]) -> None:
-    """Matrix by matrix (a fused tensor's parts apart), each role in ``pruned`` holds exactly its fraction of zeros
-    and every other matrix equals ``dense``'s; so do the tensors no adapter names."""
-    adapter = get_adapter(model)
-    layers, dense_layers = adapter.layers(model), adapter.layers(dense)
-    named = set()
-    for index, (layer, dense_layer) in enumerate(zip(layers, dense_layers)):
-        for part in adapter.prunables(index):
-            named.add(f"{adapter.layer_prefix(index)}.{part.tensor}")
-            matrix = read_matrix(layer, part)
-            where = f"{adapter.layer_prefix(index)}.{part.label}"
-            if part.role in pruned:
-                assert int((matrix == 0).sum()) == round(pruned[part.role] * matrix.numel()), where
-            else:
-                assert torch.equal(matrix, read_matrix(dense_layer, part)), where
-    dense_state = dense.state_dict()
-    for name, tensor in model.state_dict().items():
-        if name not in named:
-            assert torch.equal(tensor, dense_state[name]), name
-
-
-def assert_qk_at_half_prunes_only_qk(model) -> None:
-    """q/k at 50% by the method: exactly half of each q and k matrix is zero, every other matrix (a fused tensor's
-    v rows) and tensor is the dense model's."""
-    dense = copy.deepcopy(model)
-    AttentionPruner(**QK_ONLY).prune_model(model, calibration=calibration(), progress=False)
-    assert_exact_sparsity(model, dense, {"q_proj": 0.5, "k_proj": 0.5})
-
-
-def assert_saves_and_loads_exactly(model, pruner, root) -> None:
-    """Saved dense and bitmask, ``model`` comes back value for value through plain ``from_pretrained`` and
-    ``load_pruned_model`` (-0.0 as +0.0 from the bitmask), and the logits recomputed from the files are its own."""
-    ids = calibration(seed=5)[0][None]
-    with torch.no_grad():
-        expected = model(ids).logits
-    for format in ("dense", "bitmask"):
-        pruner.save(model, root / format, format=format)
-        for loaded in (AutoModelForCausalLM.from_pretrained(root / format, attn_implementation="eager"),
-                       load_pruned_model(root / format, attn_implementation="eager")):
-            state = loaded.state_dict()
-            for name, tensor in model.state_dict().items():
-                assert torch.equal(state[name], tensor), (format, name)
-            with torch.no_grad():
-                assert torch.equal(loaded(ids).logits, expected), format
