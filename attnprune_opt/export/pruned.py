@@ -44,6 +44,8 @@ class PlannedMatrix:
 
 
 class MatrixZeros(NamedTuple):
+    """One pruned matrix as counted: its layer and role (for the manifest) and its zeros of numel."""
+
     layer: int
     role: str
     zeros: int
