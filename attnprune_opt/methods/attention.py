@@ -28,7 +28,8 @@ from ..core import (
 from ..core.objective import KeptWeightsObjective, SequenceCatalog
 from ..core.solver import AdamConfig, StepCallback, adam
 from ..distributed import SINGLE, World
-from .base import MethodSettings, PruningMethod, register_method
+from ..errors import NonFiniteWeightsError
+from .base import JointResult, LayerContext, MethodSettings, PruningMethod, register_method
 from .magnitude import apply_mask
 from .sparsegpt import SparseGPTSettings
 
@@ -87,6 +88,17 @@ class Attention(PruningMethod):
     settings = AttentionSettings
     roles = ("q_proj", "k_proj")
     joint = True
+    captures = ("q_proj",)
+
+    def prune_layer(self, context: LayerContext, rules: dict[str, PruneRule]) -> JointResult:
+        xs = context.recorded["q_proj"]
+        if not all(bool(torch.isfinite(x).all()) for x in xs):
+            raise NonFiniteWeightsError("attention inputs contain NaN or infinity")
+        weights = {role: context.matrix(role) for role in self.roles}
+        config = context.config
+        result = prune_attention(weights, AttentionInputs(xs, context.attention_spec(), context.catalog), rules,
+                                 config.attention, config.sparsegpt, seed=context.seed, world=context.world)
+        return JointResult(result.weights, attention=result)
 
 
 
