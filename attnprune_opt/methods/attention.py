@@ -112,11 +112,16 @@ class AttentionInputs:
     catalog: SequenceCatalog | None = None  # where xs sit among every rank's sequences (data-parallel runs)
 
     def batches(self) -> list[Tensor]:
-        """Sequences of equal length stacked into one batch each (attention never crosses sequences)."""
-        by_length: dict[int, list[Tensor]] = defaultdict(list)
-        for x in self.xs:
-            by_length[x.shape[-2]].append(x.reshape(x.shape[-2], x.shape[-1]))
-        return [torch.stack(group).to(SOLVE_DTYPE) for _, group in sorted(by_length.items())]
+        return batches_by_length(self.xs)
+
+
+def batches_by_length(xs: list[Tensor]) -> list[Tensor]:
+    """Sequences (1, n, d) of equal length stacked into one (b, n, d) batch each, shortest first (attention never
+    crosses sequences), in the solver's dtype."""
+    by_length: dict[int, list[Tensor]] = defaultdict(list)
+    for x in xs:
+        by_length[x.shape[-2]].append(x.reshape(x.shape[-2], x.shape[-1]))
+    return [torch.stack(group).to(SOLVE_DTYPE) for _, group in sorted(by_length.items())]
 
 
 @dataclass
