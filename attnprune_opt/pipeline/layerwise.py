@@ -163,7 +163,7 @@ def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: 
     def inputs_of(roles) -> list[str]:
         return list(dict.fromkeys(prunables[role].module for role in roles))
 
-    captures = [role for name in joint for role in method(name).captures]
+    captures = list(dict.fromkeys(role for name, roles in joint.items() for role in method(name).captures(roles)))
     modules = {p.module: layer.get_submodule(p.module) for p in prunables.values()}
     hessian = inputs_of([m for m, r in rules.items() if method(r.method).statistic == "hessian"])
     norms = inputs_of([m for m, r in rules.items() if method(r.method).statistic == "norms"])
