@@ -18,7 +18,7 @@ from attnprune_opt.errors import (
     RecipeError,
     UnsupportedArchitectureError,
 )
-from attnprune_opt.models.registry import get_adapter
+from attnprune_opt.models.registry import get_adapter, supported_model_types
 from tiny_models import QK_ONLY, WHOLE_MODEL, assert_adapter_recomputes_attention, calibration, tiny_model
 
 KINDS = ["llama", "mistral", "qwen2"]
@@ -140,7 +140,10 @@ def test_config_round_trip_and_no_mutation():
 
 def test_unknown_architecture_is_named():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(UnsupportedArchitectureError, match="'gpt2'.*llama, mistral, qwen2"):
+    supported = supported_model_types()
+    assert {"llama", "mistral", "qwen2"} <= set(supported) and list(supported) == sorted(supported)
+    message = f"model_type 'gpt2' is not supported; supported: {', '.join(supported)}$"
+    with pytest.raises(UnsupportedArchitectureError, match=message):
         AttentionPruner().prune_model(model, calibration=calibration())
 
 

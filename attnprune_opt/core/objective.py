@@ -130,6 +130,33 @@ class SampledBatch:
 
 
 @dataclass(frozen=True)
+class SequenceCatalog:
+    """Where the sequences of this objective sit among all calibration sequences, so that a sampled step draws the
+    same sample however the sequences are split across processes (attnprune_opt/distributed.py).
+
+    ``lengths``: every sequence's length in the canonical order (by length, then original position); ``local``: the
+    canonical index of each of this objective's sequences, in the order of its batches.
+    """
+
+    lengths: tuple[int, ...]
+    local: tuple[int, ...]
+
+    @classmethod
+    def of_batches(cls, batches: Sequence[Tensor]) -> SequenceCatalog:
+        """The catalog of one process holding every sequence: these batches, in order."""
+        lengths = tuple(b.shape[1] for b in batches for _ in range(b.shape[0]))
+        return cls(lengths, tuple(range(len(lengths))))
+
+    @classmethod
+    def of(cls, lengths: Sequence[int], mine: Sequence[int]) -> SequenceCatalog:
+        """From every sequence's length in original order and the original positions of this process's ones."""
+        canonical = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+        position = {original: c for c, original in enumerate(canonical)}
+        local = sorted((position[i] for i in mine))
+        return cls(tuple(lengths[i] for i in canonical), tuple(local))
+
+
+@dataclass(frozen=True)
 class RowSample:
     """The attention rows one stochastic step computes (every key of a chosen sequence stays)."""
 
@@ -137,20 +164,25 @@ class RowSample:
 
 
 def sample_rows(batches: Sequence[Tensor], row_fraction: float, sequence_fraction: float,
-                generator: torch.Generator) -> RowSample:
-    """A random share of the sequences of ``batches`` (at least one), and in each chosen batch a random share of
-    the rows (positions, at least one), drawn without replacement, each part weighted by (sequences / chosen) x
-    (n / m) so that sums over the sample are unbiased estimates of sums over every row."""
-    sequences = [(i, j) for i, batch in enumerate(batches) for j in range(batch.shape[0])]
-    count = max(1, round(sequence_fraction * len(sequences)))
-    chosen = sorted(sequences[c] for c in torch.randperm(len(sequences), generator=generator)[:count].tolist())
-    parts = []
-    for i in sorted({i for i, _ in chosen}):
-        seqs = torch.tensor([j for b, j in chosen if b == i])
-        n = batches[i].shape[1]
+                generator: torch.Generator, catalog: SequenceCatalog | None = None) -> RowSample:
+    """A random share of all sequences of the ``catalog`` (default: those of ``batches``; at least one), and for
+    each length among the chosen a random share of the rows (positions, at least one), drawn without replacement;
+    the parts that are ``batches``' sequences, each weighted by (sequences / chosen) x (n / m) so that sums over
+    the sample are unbiased estimates of sums over every row."""
+    catalog = catalog or SequenceCatalog.of_batches(batches)
+    lengths = catalog.lengths
+    count = max(1, round(sequence_fraction * len(lengths)))
+    chosen = set(torch.randperm(len(lengths), generator=generator)[:count].tolist())
+    rows = {}
+    for n in sorted({lengths[c] for c in chosen}):
         m = max(1, round(row_fraction * n))
-        rows = torch.randperm(n, generator=generator)[:m].sort().values
-        parts.append(SampledBatch(i, seqs, rows, len(sequences) / count * n / m))
+        rows[n] = torch.randperm(n, generator=generator)[:m].sort().values
+    parts, local = [], iter(catalog.local)
+    for i, batch in enumerate(batches):
+        seqs = [j for j in range(batch.shape[0]) if next(local) in chosen]
+        if seqs:
+            n = batch.shape[1]
+            parts.append(SampledBatch(i, torch.tensor(seqs), rows[n], len(lengths) / count * n / len(rows[n])))
     return RowSample(tuple(parts))
 
 
@@ -282,12 +314,17 @@ class FactoredAttentionObjective:
         normalize: bool = True,
         chunk_size: int | None = None,
         optimize: Sequence[str] = ("q", "k"),
+        catalog: SequenceCatalog | None = None,
     ) -> None:
         if not optimize or set(optimize) - {"q", "k"} or len(set(optimize)) != len(optimize):
             raise ValueError(f"optimize must name 'q' and/or 'k' once each, got {list(optimize)}")
         self.batches = as_batches(x, chunk_size)
         self.q_weight, self.k_weight = q_weight, k_weight
         self.spec = spec
+        self.catalog = catalog or SequenceCatalog.of_batches(self.batches)
+        lengths = [b.shape[1] for b in self.batches for _ in range(b.shape[0])]
+        if [self.catalog.lengths[c] for c in self.catalog.local] != lengths:
+            raise ValueError("the sequence catalog does not describe these batches")
         self.optimize = tuple(optimize)
         self.lam = lam
         self.targets = [self._forward(b, q_weight, k_weight).probs for b in self.batches]
@@ -304,8 +341,10 @@ class FactoredAttentionObjective:
         return _MultiheadForward(batch, q_weight, k_weight, self.spec, rows)
 
     def sample(self, row_fraction: float, sequence_fraction: float, generator: torch.Generator) -> RowSample:
-        """A random share of the calibration sequences and of their query rows (see :func:`sample_rows`)."""
-        return sample_rows(self.batches, row_fraction, sequence_fraction, generator)
+        """A random share of all calibration sequences (at least one), and for each length among the chosen a
+        random share of the query rows (at least one), drawn without replacement (see :func:`sample_rows`); the
+        draws depend on the catalog only, not on how the sequences are split across processes."""
+        return sample_rows(self.batches, row_fraction, sequence_fraction, generator, self.catalog)
 
     def initial_params(self) -> Params:
         return tuple(torch.ones_like(self._weight(name)) for name in self.optimize)

@@ -21,10 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import PrunerConfig, PruneRule
+from ..core.objective import SequenceCatalog
+from ..distributed import SINGLE, World
 from ..errors import CalibrationDataError, ConfigError, NonFiniteWeightsError
-from ..models.base import ATTENTION_ROLES, DecoderAdapter, read_matrix, write_matrices
-from ..methods.attention import AttentionInputs, AttentionResult, prune_attention
-from ..methods.base import method
+from ..models.base import DecoderAdapter, read_matrix
+from ..methods.base import LayerContext, method
 from .capture import LayerInput, check_finite, record_linear_inputs, run_layer
 
 
@@ -55,6 +56,7 @@ class LayerReport:
     index: int
     modules: dict[str, ModuleReport] = field(default_factory=dict)
     attention: AttentionReport | None = None
+    refit_errors: dict[str, float] = field(default_factory=dict)  # sub-block errors before/after a layer refit
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
 
@@ -114,8 +116,12 @@ def prune_layers(
     config: PrunerConfig,
     progress: bool = True,
     on_layer: Callable[[LayerReport], None] | None = None,
+    world: World = SINGLE,
+    catalog: SequenceCatalog | None = None,
 ) -> list[LayerReport]:
-    """Prune the configured layers in order; returns one report per pruned layer."""
+    """Prune the configured layers in order; returns one report per pruned layer. Under torchrun ``inputs`` are this
+    rank's calibration sequences, ``world`` sums over ranks and ``catalog`` places them among all ranks' sequences
+    (attnprune_opt/distributed.py)."""
     if not inputs:
         raise CalibrationDataError("no calibration sequences reached the first decoder layer")
     layers = adapter.layers(model)
@@ -127,7 +133,7 @@ def prune_layers(
         if index not in indices:
             inputs = run_layer(layer, inputs)
             continue
-        report, dense_outputs = _prune_layer(adapter, index, layer, inputs, config)
+        report, dense_outputs = _prune_layer(adapter, index, layer, inputs, config, world, catalog)
         inputs = dense_outputs if config.propagate == "dense" else run_layer(layer, inputs)
         report.peak_rss_mb = peak_rss_mb()
         reports.append(report)
@@ -139,42 +145,59 @@ def prune_layers(
 
 
 def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: list[LayerInput],
-                 config: PrunerConfig) -> tuple[LayerReport, list[LayerInput]]:
+                 config: PrunerConfig, world: World,
+                 catalog: SequenceCatalog | None) -> tuple[LayerReport, list[LayerInput]]:
     start = time.perf_counter()
     prunables = {p.role: p for p in adapter.prunables(index)}
     rules = {role: rule for role in prunables if (rule := config.rule_for(role)) is not None}
-    attention_rules = {m: r for m, r in rules.items() if method(r.method).joint}
     for role in rules:
         matrix = read_matrix(layer, prunables[role])
         if not torch.isfinite(matrix).all():
             raise NonFiniteWeightsError(f"{adapter.layer_prefix(index)}.{prunables[role].label} contains NaN or "
                                         "infinity")
+    joint: dict[str, dict[str, PruneRule]] = {}  # joint method -> its roles' rules, in rule order
+    for role, rule in rules.items():
+        if method(rule.method).joint:
+            joint.setdefault(rule.method, {})[role] = rule
 
-    def inputs_of(roles: list[str]) -> list[str]:
+    def inputs_of(roles) -> list[str]:
         return list(dict.fromkeys(prunables[role].module for role in roles))
 
+    captures = list(dict.fromkeys(role for name, roles in joint.items() for role in method(name).captures(roles)))
     modules = {p.module: layer.get_submodule(p.module) for p in prunables.values()}
-    keep = inputs_of(["q_proj"]) if attention_rules else []
     hessian = inputs_of([m for m, r in rules.items() if method(r.method).statistic == "hessian"])
     norms = inputs_of([m for m, r in rules.items() if method(r.method).statistic == "norms"])
-    with record_linear_inputs(modules, keep=keep, hessian=hessian, norms=norms) as recorded:
+    with record_linear_inputs(modules, keep=inputs_of(captures), hessian=hessian, norms=norms) as recorded:
         dense_outputs = run_layer(layer, inputs)
     if not check_finite([o.hidden for o in dense_outputs]):
         raise NonFiniteWeightsError(f"layer {index} produced NaN or infinite activations on the calibration data")
+    for stats in recorded.stats.values():
+        for tensor in (stats.hessian, stats.squared_norms):
+            if tensor is not None:
+                world.sum(tensor)
 
     report = LayerReport(index)
+    context = LayerContext(adapter, index, layer, inputs, config, world, catalog, layer_seed(config.seed, index),
+                           {role: recorded.tensors[prunables[role].module] for role in captures})
+    for name, joint_rules in joint.items():
+        result = method(name).prune_layer(context, joint_rules)
+        # every rank computed these from the same sums; rank 0's are kept
+        context.write({role: world.broadcast(weight.contiguous()) for role, weight in result.weights.items()})
+        if result.attention is not None:
+            attention = result.attention
+            report.attention = AttentionReport(attention.error_mask, attention.error_final,
+                                               attention.descent_iterations, attention.refit_kept,
+                                               attention.seconds)
+        report.refit_errors.update(result.errors)
     pruned: dict[str, torch.Tensor] = {}
-    if attention_rules:
-        result = _prune_attention_modules(adapter, index, layer, recorded.tensors[keep[0]], inputs,
-                                          attention_rules, config)
-        report.attention = AttentionReport(result.error_mask, result.error_final, result.descent_iterations,
-                                           result.refit_kept, result.seconds)
-        pruned.update(result.weights)
-    for role, rule in rules.items():
-        if role not in attention_rules:
+    for i, (role, rule) in enumerate((r, rule) for r, rule in rules.items() if not method(rule.method).joint):
+        weight = read_matrix(layer, prunables[role])
+        owner = i % world.size  # the matrices are shared out between ranks
+        if world.rank == owner:
             stats = recorded.stats.get(prunables[role].module)
-            pruned[role] = method(rule.method).prune_matrix(read_matrix(layer, prunables[role]), rule, stats, config)
-    write_matrices(layer, {prunables[role]: weight for role, weight in pruned.items()})
+            weight = method(rule.method).prune_matrix(weight, rule, stats, config).to(weight.dtype)
+        pruned[role] = world.broadcast(weight.contiguous(), owner)
+    context.write(pruned)
     for role, rule in rules.items():
         report.modules[role] = _measure(read_matrix(layer, prunables[role]), rule)
     report.seconds = time.perf_counter() - start
@@ -184,18 +207,6 @@ def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: 
 def layer_seed(seed: int, index: int) -> int:
     """Each layer's own stream of random draws, fixed by the run's seed."""
     return seed * 100_003 + index
-
-
-def _prune_attention_modules(adapter: DecoderAdapter, index: int, layer: nn.Module, xs: list[torch.Tensor],
-                             inputs: list[LayerInput], rules: dict[str, PruneRule],
-                             config: PrunerConfig) -> AttentionResult:
-    if not check_finite(xs):
-        raise NonFiniteWeightsError("attention inputs contain NaN or infinity")
-    longest = max(range(len(inputs)), key=lambda i: inputs[i].hidden.shape[1])
-    spec = adapter.attention_spec(layer, index, inputs[longest].kwargs)
-    weights = {role: read_matrix(layer, adapter.prunable(index, role)) for role in ATTENTION_ROLES}
-    return prune_attention(weights, AttentionInputs(xs, spec), rules, config.attention, config.sparsegpt,
-                           seed=layer_seed(config.seed, index))
 
 
 def _measure(weight: torch.Tensor, rule: PruneRule) -> ModuleReport:
