@@ -121,9 +121,18 @@ class DecoderAdapter:
             return window if layer_types[index] == "sliding_attention" else None
         return window
 
+    def input_key(self, prunable: Prunable) -> str:
+        """Names the input ``prunable`` multiplies: matrices with one key share their calibration statistics."""
+        return prunable.module
+
     # -- the model ----------------------------------------------------------------------------------------------
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers_path)
+
+    def matrix_input(self, layer: nn.Module, prunable: Prunable, args: tuple) -> Tensor:
+        """The rows ``prunable`` multiplies, from the positional arguments of a call of its module: the module's
+        input for a linear; a mixture-of-experts family selects the tokens routed to the matrix's expert."""
+        return args[0]
 
     def attention_spec(self, layer: nn.Module, index: int, layer_kwargs: dict) -> AttentionSpec:
         """What layer ``index``'s attention computes besides the q/k weights, for one captured sequence's

@@ -1,7 +1,8 @@
 """The layer loop: one decoder layer at a time, calibrate, prune, write back, and feed the next layer.
 
 Per layer: (1) a forward of the dense layer records the inputs of every targeted matrix (whole tensors for the
-method's q/k, X^T X or column norms for the linear baselines); (2) q_proj/k_proj are solved with the method and
+method's q/k, X^T X or column norms for the linear baselines; the adapter picks each matrix's input, e.g. the
+tokens routed to one expert); (2) q_proj/k_proj are solved with the method and
 the other targets pruned with their rule's linear method (the layer's adapter says where each matrix lives); (3) the weights are written back, through the offload
 index when the layer is offloaded; (4) the pruned layer's outputs become the next layer's inputs
 (``propagate="pruned"``, as SparseGPT and Wanda do) or the dense outputs of step 1 do (``"dense"``).
@@ -9,11 +10,12 @@ index when the layer is offloaded; (4) the pruned layer's outputs become the nex
 
 from __future__ import annotations
 
+import logging
 import resource
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,9 +24,11 @@ from tqdm.auto import tqdm
 
 from ..config import PrunerConfig, PruneRule
 from ..errors import CalibrationDataError, ConfigError, NonFiniteWeightsError
-from ..models.base import ATTENTION_ROLES, DecoderAdapter, read_matrix, write_matrices
-from .capture import LayerInput, check_finite, record_linear_inputs, run_layer
+from ..models.base import ATTENTION_ROLES, DecoderAdapter, Prunable, read_matrix, write_matrices
+from .capture import LayerInput, check_finite, record_matrix_inputs, run_layer
 from .methods import AttentionInputs, AttentionResult, prune_attention, prune_linear
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,6 +58,7 @@ class LayerReport:
     index: int
     modules: dict[str, ModuleReport] = field(default_factory=dict)
     attention: AttentionReport | None = None
+    uncalibrated: list[str] = field(default_factory=list)  # matrices no calibration token reached: magnitude
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
 
@@ -140,42 +145,46 @@ def prune_layers(
 def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: list[LayerInput],
                  config: PrunerConfig) -> tuple[LayerReport, list[LayerInput]]:
     start = time.perf_counter()
-    prunables = {p.role: p for p in adapter.prunables(index)}
-    rules = {role: rule for role in prunables if (rule := config.rule_for(role)) is not None}
-    attention_rules = {m: r for m, r in rules.items() if r.method == "attention"}
-    for role in rules:
-        matrix = read_matrix(layer, prunables[role])
-        if not torch.isfinite(matrix).all():
-            raise NonFiniteWeightsError(f"{adapter.layer_prefix(index)}.{prunables[role].label} contains NaN or "
-                                        "infinity")
+    targets = {p: rule for p in adapter.prunables(index) if (rule := config.rule_for(p.role)) is not None}
+    attention_rules = {p.role: r for p, r in targets.items() if r.method == "attention"}
+    for prunable in targets:
+        if not torch.isfinite(read_matrix(layer, prunable)).all():
+            raise NonFiniteWeightsError(f"{adapter.layer_prefix(index)}.{prunable.label} contains NaN or infinity")
 
-    def inputs_of(roles: list[str]) -> list[str]:
-        return list(dict.fromkeys(prunables[role].module for role in roles))
+    def inputs_of(prunables: list[Prunable]) -> list[str]:
+        return list(dict.fromkeys(adapter.input_key(p) for p in prunables))
 
-    modules = {p.module: layer.get_submodule(p.module) for p in prunables.values()}
-    keep = inputs_of(["q_proj"]) if attention_rules else []
-    hessian = inputs_of([m for m, r in rules.items() if r.method == "sparsegpt"])
-    norms = inputs_of([m for m, r in rules.items() if r.method == "wanda"])
-    with record_linear_inputs(modules, keep=keep, hessian=hessian, norms=norms) as recorded:
+    keep = inputs_of([adapter.prunable(index, "q_proj")]) if attention_rules else []
+    hessian = inputs_of([p for p, r in targets.items() if r.method == "sparsegpt"])
+    norms = inputs_of([p for p, r in targets.items() if r.method == "wanda"])
+    with record_matrix_inputs(adapter, index, layer, keep=keep, hessian=hessian, norms=norms) as recorded:
         dense_outputs = run_layer(layer, inputs)
     if not check_finite([o.hidden for o in dense_outputs]):
         raise NonFiniteWeightsError(f"layer {index} produced NaN or infinite activations on the calibration data")
 
     report = LayerReport(index)
-    pruned: dict[str, torch.Tensor] = {}
+    pruned: dict[Prunable, torch.Tensor] = {}
     if attention_rules:
         result = _prune_attention_modules(adapter, index, layer, recorded.tensors[keep[0]], inputs,
                                           attention_rules, config)
         report.attention = AttentionReport(result.error_mask, result.error_final, result.descent_iterations,
                                            result.refit_kept, result.seconds)
-        pruned.update(result.weights)
-    for role, rule in rules.items():
-        if rule.method != "attention":
-            stats = recorded.stats.get(prunables[role].module)
-            pruned[role] = prune_linear(read_matrix(layer, prunables[role]), rule, stats, config.sparsegpt)
-    write_matrices(layer, {prunables[role]: weight for role, weight in pruned.items()})
-    for role, rule in rules.items():
-        report.modules[role] = _measure(read_matrix(layer, prunables[role]), rule)
+        pruned.update({adapter.prunable(index, role): weight for role, weight in result.weights.items()})
+    for prunable, rule in targets.items():
+        if rule.method == "attention":
+            continue
+        stats = recorded.stats.get(adapter.input_key(prunable))
+        if stats is not None and stats.tokens == 0:
+            # Only a routed input (a mixture-of-experts expert) can miss every calibration token.
+            logger.warning("%s.%s received no calibration token; pruned by magnitude",
+                           adapter.layer_prefix(index), prunable.label)
+            report.uncalibrated.append(prunable.label)
+            rule = rule.model_copy(update={"method": "magnitude"})
+        pruned[prunable] = prune_linear(read_matrix(layer, prunable), rule, stats, config.sparsegpt)
+    write_matrices(layer, pruned)
+    for prunable, rule in targets.items():
+        measured = _measure(read_matrix(layer, prunable), rule)
+        report.modules[prunable.role] = _combine(report.modules.get(prunable.role), measured)
     report.seconds = time.perf_counter() - start
     return report, dense_outputs
 
@@ -201,3 +210,11 @@ def _measure(weight: torch.Tensor, rule: PruneRule) -> ModuleReport:
     zeros = int((weight == 0).sum())
     return ModuleReport(rule.method, rule.structure, float(rule.sparsity), zeros / weight.numel(), zeros,
                         weight.numel())
+
+
+def _combine(total: ModuleReport | None, part: ModuleReport) -> ModuleReport:
+    """One role's figures over all its matrices in a layer (one per expert in mixture-of-experts MLPs)."""
+    if total is None:
+        return part
+    zeros, numel = total.zeros + part.zeros, total.numel + part.numel
+    return replace(total, sparsity=zeros / numel, zeros=zeros, numel=numel)
