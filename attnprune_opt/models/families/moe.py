@@ -1,0 +1,107 @@
+"""Mixture-of-experts decoders whose experts are stacked 3-D parameters (transformers 5): Qwen3-MoE and Mixtral.
+
+A sparse layer's ``mlp.experts`` holds ``gate_up_proj`` (experts, 2 * I, hidden; gate rows first, then up rows)
+and ``down_proj`` (experts, hidden, I); its router ``mlp.gate`` is left dense. Each expert's gate, up and down
+matrices are prunable on their own, calibrated on the tokens the router sends to that expert: the experts module is
+called with (hidden states, top-k expert indices, top-k weights), so the routing is read from the call, not
+recomputed, and the down matrix's input is act(gate x) * up x on those tokens, as the expert computes it.
+Attention is Llama's (Mixtral, as Mistral) plus, in Qwen3-MoE, RMSNorm of each head's q and k before RoPE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import ClassVar
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ...core import AttentionSpec, RMSNormSpec
+from ..base import DecoderAdapter, Prunable
+from ..offload import onloaded
+from ..registry import register
+from .llama import LLAMA_MODULES
+
+EXPERTS = "mlp.experts"
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+DENSE_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+class StackedExpertsAdapter(DecoderAdapter):
+    """Llama-named attention and a sparse MLP of stacked experts; a family says how many experts of which size and
+    which layers are sparse."""
+
+    modules = LLAMA_MODULES
+    num_experts_key: ClassVar[str] = "num_experts"  # config keys: how many experts, and I, one expert's width
+    expert_size_key: ClassVar[str] = "moe_intermediate_size"
+
+    @property
+    def num_experts(self) -> int:
+        return int(getattr(self.config, self.num_experts_key))
+
+    @property
+    def expert_size(self) -> int:
+        return int(getattr(self.config, self.expert_size_key))
+
+    def is_sparse(self, index: int) -> bool:
+        return True
+
+    def prunables(self, index: int) -> tuple[Prunable, ...]:
+        attention = tuple(Prunable(role, self.modules[role]) for role in ATTENTION)
+        if not self.is_sparse(index):
+            return attention + tuple(Prunable(role, self.modules[role]) for role in DENSE_MLP)
+        size = self.expert_size
+        experts = []
+        for e in range(self.num_experts):
+            experts += [Prunable("gate_proj", EXPERTS, rows=((0, size),), parameter="gate_up_proj", expert=e),
+                        Prunable("up_proj", EXPERTS, rows=((size, 2 * size),), parameter="gate_up_proj", expert=e),
+                        Prunable("down_proj", EXPERTS, parameter="down_proj", expert=e)]
+        return attention + tuple(experts)
+
+    def input_key(self, prunable: Prunable) -> str:
+        """An expert's gate and up matrices read its routed tokens; its down matrix reads their activations."""
+        if prunable.expert is None:
+            return super().input_key(prunable)
+        return f"{prunable.tensor}[{prunable.expert}]"
+
+    def matrix_input(self, layer: nn.Module, prunable: Prunable, args: tuple) -> Tensor:
+        if prunable.expert is None:
+            return super().matrix_input(layer, prunable, args)
+        hidden, top_k_index = args[0], args[1]
+        # The tokens in the order the experts' loop gathers them: by top-k position, then by token.
+        _, tokens = (top_k_index == prunable.expert).T.nonzero(as_tuple=True)
+        x = hidden[tokens]
+        if prunable.parameter == "gate_up_proj":
+            return x
+        experts = layer.get_submodule(EXPERTS)
+        with onloaded(experts):
+            gate, up = F.linear(x, experts.gate_up_proj[prunable.expert]).chunk(2, dim=-1)
+            return experts.act_fn(gate) * up
+
+
+@register
+class Qwen3MoeAdapter(StackedExpertsAdapter):
+    model_types = ("qwen3_moe",)
+
+    def is_sparse(self, index: int) -> bool:
+        """As Qwen3MoeDecoderLayer decides: layers in ``mlp_only_layers`` and off the sparse step are dense."""
+        config = self.config
+        return (index not in (config.mlp_only_layers or []) and config.num_experts > 0
+                and (index + 1) % config.decoder_sparse_step == 0)
+
+    def attention_spec(self, layer: nn.Module, index: int, layer_kwargs: dict) -> AttentionSpec:
+        attention = self.attention_module(layer)
+        return replace(super().attention_spec(layer, index, layer_kwargs), q_norm=per_head_norm(attention.q_norm),
+                       k_norm=per_head_norm(attention.k_norm))
+
+
+@register
+class MixtralAdapter(StackedExpertsAdapter):
+    model_types = ("mixtral",)
+    num_experts_key = "num_local_experts"
+    expert_size_key = "intermediate_size"
+
+
+def per_head_norm(norm: nn.Module) -> RMSNormSpec:
+    """The spec of a Qwen3-style RMSNorm over each head's values (weight multiplies the normalised values)."""
+    return RMSNormSpec(weight=norm.weight.detach(), eps=float(norm.variance_epsilon), per_head=True)

@@ -1,0 +1,230 @@
+"""Mixture-of-experts families (Qwen3-MoE, Mixtral) on tiny random models: the adapter's attention equals the
+model's, each expert is calibrated on exactly the tokens the model routes to it, whole-model recipes prune every
+expert matrix to its exact sparsity with that expert's own statistics, and the pruned weights reproduce the logits."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
+
+from attnprune_opt import AttentionPruner
+from attnprune_opt.config import PruneRule, SparseGPTSettings
+from attnprune_opt.core import InputStatistics
+from attnprune_opt.models.base import read_matrix
+from attnprune_opt.models.registry import get_adapter
+from attnprune_opt.pipeline.capture import capture_layer_inputs, record_matrix_inputs, run_layer
+from attnprune_opt.pipeline.methods import prune_linear
+from tiny_models import VOCAB, assert_adapter_recomputes_attention, calibration
+
+KINDS = ["qwen3_moe", "mixtral"]
+EXPERTS = 4
+
+
+def tiny_moe(kind: str, seed: int = 0, **overrides):
+    """Two layers of 4 experts, 2 per token; q/k scaled up so attention is far from uniform, the router so that
+    routing depends on the token."""
+    if kind == "qwen3_moe":
+        config = Qwen3MoeConfig(num_experts=EXPERTS, moe_intermediate_size=32, intermediate_size=48, **overrides)
+    else:
+        config = MixtralConfig(num_local_experts=EXPERTS, intermediate_size=32, **overrides)
+    for key, value in dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, num_experts_per_tok=2, max_position_embeddings=256,
+                           tie_word_embeddings=False).items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+            if hasattr(layer.mlp, "experts"):
+                layer.mlp.gate.weight.mul_(50)
+    return model
+
+
+def recipe(linear_method: str) -> dict:
+    return dict(rules=[{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5},
+                       {"modules": ["v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                        "method": linear_method, "sparsity": 0.5}],
+                attention={"iterations": 5}, sparsegpt={"blocksize": 16})
+
+
+def what_experts_receive(model, sequences, monkeypatch) -> dict[tuple[int, str], list[torch.Tensor]]:
+    """(layer, input key) -> the rows each expert matrix multiplies in the model's own eager forward, per sequence,
+    seen by intercepting its F.linear calls."""
+    adapter = get_adapter(model)
+    experts = {}
+    for index, layer in enumerate(adapter.layers(model)):
+        for p in adapter.prunables(index):
+            if p.expert is not None:
+                experts[(index, adapter.input_key(p))] = getattr(layer.get_submodule(p.module), p.parameter)[p.expert]
+    seen = {key: [] for key in experts}
+    linear = torch.nn.functional.linear
+
+    def spy(x, weight, *args, **kwargs):
+        for key, matrix in experts.items():
+            if weight.shape == matrix.shape and torch.equal(weight, matrix):
+                seen[key][-1] = torch.cat([seen[key][-1], x.detach()])
+        return linear(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    with torch.no_grad():
+        for ids in sequences:
+            for key, matrix in experts.items():
+                seen[key].append(torch.zeros(0, matrix.shape[1]))
+            model(ids[None])
+    monkeypatch.undo()
+    return seen
+
+
+def recorded_routed_inputs(model, sequences) -> dict[tuple[int, str], list[torch.Tensor]]:
+    """The same, as the pipeline records it: layer by layer through the adapter's input keys."""
+    adapter = get_adapter(model)
+    recorded = {}
+    with torch.no_grad():
+        inputs = capture_layer_inputs(model, adapter.layers(model), sequences)
+        for index, layer in enumerate(adapter.layers(model)):
+            keys = [k for k in dict.fromkeys(adapter.input_key(p) for p in adapter.prunables(index)) if "[" in k]
+            with record_matrix_inputs(adapter, index, layer, keep=keys) as rec:
+                outputs = run_layer(layer, inputs)
+            recorded.update({(index, key): rec.tensors[key] for key in keys})
+            inputs = outputs
+    return recorded
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_adapter_recomputes_the_models_own_attention(kind):
+    assert_adapter_recomputes_attention(tiny_moe(kind), calibration()[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_expert_matrices_are_the_stacked_tensors_rows(kind):
+    """gate rows first, then up rows, of gate_up_proj; each expert its own slice."""
+    model = tiny_moe(kind)
+    adapter, layer = get_adapter(model), model.model.layers[0]
+    size = layer.mlp.experts.down_proj.shape[-1]
+    matrices = {(p.role, p.expert): read_matrix(layer, p) for p in adapter.prunables(0) if p.expert is not None}
+    assert len(matrices) == 3 * EXPERTS
+    for e in range(EXPERTS):
+        assert torch.equal(matrices["gate_proj", e], layer.mlp.experts.gate_up_proj[e, :size])
+        assert torch.equal(matrices["up_proj", e], layer.mlp.experts.gate_up_proj[e, size:])
+        assert torch.equal(matrices["down_proj", e], layer.mlp.experts.down_proj[e])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_routed_inputs_are_exactly_what_each_expert_receives(kind, monkeypatch):
+    model = tiny_moe(kind, experts_implementation="eager")
+    sequences = calibration()
+    seen = what_experts_receive(model, sequences, monkeypatch)
+    recorded = recorded_routed_inputs(model, sequences)
+    assert recorded.keys() == seen.keys()
+    for key, rows in seen.items():
+        assert len(recorded[key]) == len(rows) == len(sequences)
+        for got, want in zip(recorded[key], rows):
+            assert torch.equal(got, want), key
+    tokens = sum(len(ids) for ids in sequences)
+    for index in range(2):
+        counts = [sum(len(x) for x in recorded[index, f"mlp.experts.gate_up_proj[{e}]"]) for e in range(EXPERTS)]
+        assert min(counts) > 0 and sum(counts) == 2 * tokens, counts  # every expert used; top-2 of every token
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_whole_model_recipe_prunes_each_expert_with_its_own_tokens(kind, method, monkeypatch):
+    """Every matrix of every expert ends exactly half zeros, and layer 0's experts are what the linear method
+    gives on each expert's own routed inputs (the first layer's inputs do not depend on earlier pruning)."""
+    model = tiny_moe(kind)
+    dense = copy.deepcopy(model)
+    sequences = calibration()
+    pruner = AttentionPruner(**recipe(method))
+    pruner.prune_model(model, calibration=sequences, progress=False)
+    adapter = get_adapter(model)
+    for index, layer in enumerate(adapter.layers(model)):
+        for p in adapter.prunables(index):
+            weight = read_matrix(layer, p)
+            assert int((weight == 0).sum()) == weight.numel() // 2, (index, p.label)
+    assert all(not layer.uncalibrated for layer in pruner.report.layers)
+
+    dense.config._experts_implementation = "eager"
+    seen = what_experts_receive(dense, sequences, monkeypatch)
+    rule = PruneRule(modules=("gate_proj",), method=method, sparsity=0.5)
+    for p in adapter.prunables(0):
+        if p.expert is None:
+            continue
+        stats = InputStatistics(read_matrix(dense.model.layers[0], p).shape[1], hessian=method == "sparsegpt")
+        for x in seen[0, adapter.input_key(p)]:
+            stats.update(x)
+        assert stats.tokens > 0, p.label
+        expected = prune_linear(read_matrix(dense.model.layers[0], p), rule, stats, SparseGPTSettings(blocksize=16))
+        assert torch.equal(read_matrix(model.model.layers[0], p), expected), p.label
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pruned_model_logits_equal_a_model_rebuilt_from_its_weights(kind):
+    model = tiny_moe(kind)
+    AttentionPruner(**recipe("sparsegpt")).prune_model(model, calibration=calibration(), progress=False)
+    rebuilt = AutoModelForCausalLM.from_config(model.config, attn_implementation="eager").eval()
+    rebuilt.load_state_dict(model.state_dict())
+    ids = calibration(seed=5)[0][None]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, rebuilt(ids).logits)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("format", ["dense", "bitmask"])
+def test_save_and_plain_from_pretrained_give_identical_weights_and_logits(kind, format, tmp_path):
+    model = tiny_moe(kind)
+    pruner = AttentionPruner(**recipe("sparsegpt"))
+    pruner.prune_model(model, calibration=calibration(), progress=False)
+    pruner.save(model, tmp_path / "out", format=format)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    saved, state = loaded.state_dict(), model.state_dict()
+    assert saved.keys() == state.keys()
+    for name, tensor in state.items():
+        assert torch.equal(saved[name], tensor), name
+    ids = calibration(seed=5)[0][None]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_an_expert_no_token_reaches_is_pruned_by_magnitude_and_reported():
+    """The router is forced to experts 0 and 1: experts 2 and 3 see no calibration token, so SparseGPT has no
+    Hessian for them; they are pruned by magnitude and named in the report."""
+    model = tiny_moe("qwen3_moe")
+    dense = copy.deepcopy(model)
+
+    def only_first_two(module, args, output):
+        logits, weights, indices = output
+        return logits, weights, torch.stack([torch.zeros_like(indices[:, 0]), torch.ones_like(indices[:, 1])], -1)
+
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(only_first_two)
+    pruner = AttentionPruner(**recipe("sparsegpt"))
+    pruner.prune_model(model, calibration=calibration(), progress=False)
+    adapter = get_adapter(model)
+    starved = [p for p in adapter.prunables(0) if p.expert in (2, 3)]
+    for report in pruner.report.layers:
+        assert report.uncalibrated == [p.label for p in starved]
+    magnitude = PruneRule(modules=("gate_proj",), method="magnitude", sparsity=0.5)
+    for p in starved:
+        expected = prune_linear(read_matrix(dense.model.layers[0], p), magnitude, None, SparseGPTSettings())
+        assert torch.equal(read_matrix(model.model.layers[0], p), expected)
+    assert "no calibration token" in pruner.report.to_markdown()
+
+
+def test_dense_mlp_layers_of_qwen3_moe_prune_as_plain_linears():
+    """mlp_only_layers=[0]: layer 0 has a dense MLP (its own gate/up/down linears), layer 1 experts."""
+    model = tiny_moe("qwen3_moe", mlp_only_layers=[0])
+    adapter = get_adapter(model)
+    assert [p.expert for p in adapter.prunables(0)] == [None] * 7
+    assert {p.expert for p in adapter.prunables(1)} == {None, *range(EXPERTS)}
+    pruner = AttentionPruner(**recipe("sparsegpt"))
+    pruner.prune_model(model, calibration=calibration(), progress=False)
+    for index, layer in enumerate(adapter.layers(model)):
+        for p in adapter.prunables(index):
+            weight = read_matrix(layer, p)
+            assert int((weight == 0).sum()) == weight.numel() // 2, (index, p.label)
+    sparsity = pruner.report.module_sparsity()
+    assert {name: figures["sparsity"] for name, figures in sparsity.items()} == dict.fromkeys(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), 0.5)
