@@ -1,4 +1,4 @@
-"""Mixture-of-experts families (Qwen3-MoE, Mixtral) on tiny random models: the adapter's attention equals the
+"""Mixture-of-experts families (Qwen3-MoE, Qwen2-MoE, Mixtral) on tiny random models: the adapter's attention equals the
 model's, each expert is calibrated on exactly the tokens the model routes to it, whole-model recipes prune every
 expert matrix to its exact sparsity with that expert's own statistics, and the pruned weights reproduce the logits."""
 
@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from attnprune_opt import AttentionPruner
 from attnprune_opt.config import PruneRule, SparseGPTSettings
@@ -17,21 +17,22 @@ from attnprune_opt.pipeline.capture import capture_layer_inputs, record_matrix_i
 from attnprune_opt.pipeline.methods import prune_linear
 from tiny_models import VOCAB, assert_adapter_recomputes_attention, calibration
 
-KINDS = ["qwen3_moe", "mixtral"]
+KINDS = ["qwen3_moe", "qwen2_moe", "mixtral"]
 EXPERTS = 4
+CONFIGS = {"qwen3_moe": Qwen3MoeConfig, "qwen2_moe": Qwen2MoeConfig}
 
 
 def tiny_moe(kind: str, seed: int = 0, **overrides):
     """Two layers of 4 experts, 2 per token; q/k scaled up so attention is far from uniform, the router so that
     routing depends on the token."""
-    if kind == "qwen3_moe":
-        config = Qwen3MoeConfig(num_experts=EXPERTS, moe_intermediate_size=32, intermediate_size=48, **overrides)
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, num_experts_per_tok=2, max_position_embeddings=256,
+                  tie_word_embeddings=False, **overrides)
+    if kind == "mixtral":
+        config = MixtralConfig(num_local_experts=EXPERTS, intermediate_size=32, **common)
     else:
-        config = MixtralConfig(num_local_experts=EXPERTS, intermediate_size=32, **overrides)
-    for key, value in dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, head_dim=16, num_experts_per_tok=2, max_position_embeddings=256,
-                           tie_word_embeddings=False).items():
-        setattr(config, key, value)
+        extra = {"shared_expert_intermediate_size": 40} if kind == "qwen2_moe" else {}
+        config = CONFIGS[kind](num_experts=EXPERTS, moe_intermediate_size=32, intermediate_size=48, **extra, **common)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():
@@ -213,11 +214,18 @@ def test_an_expert_no_token_reaches_is_pruned_by_magnitude_and_reported():
     assert "no calibration token" in pruner.report.to_markdown()
 
 
-def test_dense_mlp_layers_of_qwen3_moe_prune_as_plain_linears():
-    """mlp_only_layers=[0]: layer 0 has a dense MLP (its own gate/up/down linears), layer 1 experts."""
-    model = tiny_moe("qwen3_moe", mlp_only_layers=[0])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe"])
+def test_dense_mlp_layers_prune_as_plain_linears(kind):
+    """mlp_only_layers=[0]: layer 0 has a dense MLP (its own gate/up/down linears), layer 1 experts (and in
+    Qwen2-MoE a shared expert of plain linears)."""
+    model = tiny_moe(kind, mlp_only_layers=[0])
     adapter = get_adapter(model)
-    assert [p.expert for p in adapter.prunables(0)] == [None] * 7
+    assert [p.module for p in adapter.prunables(0)] == [f"self_attn.{r}" for r in ("q_proj", "k_proj", "v_proj",
+                                                        "o_proj")] + [f"mlp.{r}" for r in ("gate_proj", "up_proj",
+                                                                                         "down_proj")]
+    shared = [p.module for p in adapter.prunables(1) if p.module.startswith("mlp.shared_expert")]
+    assert shared == (["mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"]
+                      if kind == "qwen2_moe" else [])
     assert {p.expert for p in adapter.prunables(1)} == {None, *range(EXPERTS)}
     pruner = AttentionPruner(**recipe("sparsegpt"))
     pruner.prune_model(model, calibration=calibration(), progress=False)

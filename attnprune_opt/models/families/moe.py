@@ -1,11 +1,13 @@
-"""Mixture-of-experts decoders whose experts are stacked 3-D parameters (transformers 5): Qwen3-MoE and Mixtral.
+"""Mixture-of-experts decoders whose experts are stacked 3-D parameters (transformers 5): Qwen3-MoE, Qwen2-MoE
+and Mixtral.
 
 A sparse layer's ``mlp.experts`` holds ``gate_up_proj`` (experts, 2 * I, hidden; gate rows first, then up rows)
 and ``down_proj`` (experts, hidden, I); its router ``mlp.gate`` is left dense. Each expert's gate, up and down
 matrices are prunable on their own, calibrated on the tokens the router sends to that expert: the experts module is
 called with (hidden states, top-k expert indices, top-k weights), so the routing is read from the call, not
 recomputed, and the down matrix's input is act(gate x) * up x on those tokens, as the expert computes it.
-Attention is Llama's (Mixtral, as Mistral) plus, in Qwen3-MoE, RMSNorm of each head's q and k before RoPE.
+Attention is Llama's (Mixtral as Mistral, Qwen2-MoE as Qwen2) plus, in Qwen3-MoE, RMSNorm of each head's q and k
+before RoPE. Qwen2-MoE's shared expert, which every token passes through, is pruned as plain linears.
 """
 
 from __future__ import annotations
@@ -50,13 +52,20 @@ class StackedExpertsAdapter(DecoderAdapter):
         attention = tuple(Prunable(role, self.modules[role]) for role in ATTENTION)
         if not self.is_sparse(index):
             return attention + tuple(Prunable(role, self.modules[role]) for role in DENSE_MLP)
+        return attention + self.shared_prunables() + self.expert_prunables()
+
+    def shared_prunables(self) -> tuple[Prunable, ...]:
+        """Linears of a sparse MLP that every token passes through (none by default)."""
+        return ()
+
+    def expert_prunables(self) -> tuple[Prunable, ...]:
         size = self.expert_size
         experts = []
         for e in range(self.num_experts):
             experts += [Prunable("gate_proj", EXPERTS, rows=((0, size),), parameter="gate_up_proj", expert=e),
                         Prunable("up_proj", EXPERTS, rows=((size, 2 * size),), parameter="gate_up_proj", expert=e),
                         Prunable("down_proj", EXPERTS, parameter="down_proj", expert=e)]
-        return attention + tuple(experts)
+        return tuple(experts)
 
     def input_key(self, prunable: Prunable) -> str:
         """An expert's gate and up matrices read its routed tokens; its down matrix reads their activations."""
@@ -79,20 +88,34 @@ class StackedExpertsAdapter(DecoderAdapter):
             return experts.act_fn(gate) * up
 
 
-@register
-class Qwen3MoeAdapter(StackedExpertsAdapter):
-    model_types = ("qwen3_moe",)
+class QwenMoeAdapter(StackedExpertsAdapter):
+    """Qwen-MoE layouts: layers in ``mlp_only_layers`` and off the ``decoder_sparse_step`` have a dense MLP."""
 
     def is_sparse(self, index: int) -> bool:
-        """As Qwen3MoeDecoderLayer decides: layers in ``mlp_only_layers`` and off the sparse step are dense."""
         config = self.config
         return (index not in (config.mlp_only_layers or []) and config.num_experts > 0
                 and (index + 1) % config.decoder_sparse_step == 0)
+
+
+@register
+class Qwen3MoeAdapter(QwenMoeAdapter):
+    model_types = ("qwen3_moe",)
 
     def attention_spec(self, layer: nn.Module, index: int, layer_kwargs: dict) -> AttentionSpec:
         attention = self.attention_module(layer)
         return replace(super().attention_spec(layer, index, layer_kwargs), q_norm=per_head_norm(attention.q_norm),
                        k_norm=per_head_norm(attention.k_norm))
+
+
+@register
+class Qwen2MoeAdapter(QwenMoeAdapter):
+    """Qwen2's attention (q/k/v biases); a sparse MLP's shared expert is plain linears under the usual roles (its
+    sigmoid gate, like the router, stays dense)."""
+
+    model_types = ("qwen2_moe",)
+
+    def shared_prunables(self) -> tuple[Prunable, ...]:
+        return tuple(Prunable(role, f"mlp.shared_expert.{role}") for role in DENSE_MLP)
 
 
 @register
