@@ -154,11 +154,14 @@ class DecoderAdapter:
 
     @staticmethod
     def bias(layer: nn.Module, prunable: Prunable) -> Tensor | None:
-        bias = getattr(layer.get_submodule(prunable.module), "bias", None)
+        module = layer.get_submodule(prunable.module)
+        with onloaded(module):
+            bias = getattr(module, "bias", None)
+            bias = None if bias is None else bias.detach().clone()
         if bias is None:
             return None
         index = prunable.row_index(bias.device)
-        return bias.detach() if index is None else bias.detach().index_select(0, index)
+        return bias if index is None else bias.index_select(0, index)
 
 
 def read_matrix(layer: nn.Module, prunable: Prunable) -> torch.Tensor:
