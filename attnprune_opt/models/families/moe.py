@@ -127,4 +127,6 @@ class MixtralAdapter(StackedExpertsAdapter):
 
 def per_head_norm(norm: nn.Module) -> RMSNormSpec:
     """The spec of a Qwen3-style RMSNorm over each head's values (weight multiplies the normalised values)."""
-    return RMSNormSpec(weight=norm.weight.detach(), eps=float(norm.variance_epsilon), per_head=True)
+    with onloaded(norm):
+        weight = norm.weight.detach().clone()
+    return RMSNormSpec(weight=weight, eps=float(norm.variance_epsilon), per_head=True)
