@@ -17,7 +17,7 @@ from attnprune_opt.models.base import read_matrix
 from attnprune_opt.models.registry import get_adapter
 from attnprune_opt.pipeline.capture import capture_layer_inputs, record_matrix_inputs, run_layer
 from attnprune_opt.pipeline.methods import prune_linear
-from tiny_models import VOCAB, assert_adapter_recomputes_attention, calibration
+from tiny_models import QK_ONLY, VOCAB, assert_adapter_recomputes_attention, calibration
 
 KINDS = ["qwen3_moe", "qwen2_moe", "mixtral"]
 EXPERTS = 4
@@ -165,6 +165,18 @@ def test_whole_model_recipe_prunes_each_expert_with_its_own_tokens(kind, method,
         assert stats.tokens > 0, p.label
         expected = prune_linear(read_matrix(dense.model.layers[0], p), rule, stats, SparseGPTSettings(blocksize=16))
         assert torch.equal(read_matrix(model.model.layers[0], p), expected), p.label
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_qk_at_half_leaves_every_other_tensor_untouched(kind):
+    model = tiny_moe(kind)
+    dense = copy.deepcopy(model.state_dict())
+    AttentionPruner(**QK_ONLY).prune_model(model, calibration=calibration(), progress=False)
+    for name, tensor in model.state_dict().items():
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            assert int((tensor == 0).sum()) == tensor.numel() // 2, name
+        else:
+            assert torch.equal(tensor, dense[name]), name
 
 
 @pytest.mark.parametrize("kind", KINDS)
