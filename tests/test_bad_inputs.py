@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from attnprune_opt.cli import main
+from attnprune_opt.models.registry import supported_model_types
 
 RECIPE = {"rules": [{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5}],
           "attention": {"iterations": 2, "refit_iterations": 0},
@@ -87,7 +88,8 @@ def test_model_folder_problems(work, model_dir, capsys):
           capsys, work)
     config = json.loads((model_dir / "config.json").read_text())
     for model_type, message in (("no_such_arch", "model_type 'no_such_arch' is not known to transformers"),
-                                ("gpt2", "model_type 'gpt2' is not supported; supported: llama, mistral, qwen2")):
+                                ("gpt2", "model_type 'gpt2' is not supported; supported: "
+                                         + ", ".join(supported_model_types()))):
         (pickled / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
         fails(prune(work, pickled, path), f"{pickled / 'config.json'}: {message}", capsys, work)
     (pickled / "config.json").unlink()

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from accelerate import cpu_offload
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
@@ -17,7 +16,14 @@ from attnprune_opt.models.base import read_matrix
 from attnprune_opt.models.registry import get_adapter
 from attnprune_opt.pipeline.capture import capture_layer_inputs, record_matrix_inputs, run_layer
 from attnprune_opt.pipeline.methods import prune_linear
-from tiny_models import QK_ONLY, VOCAB, assert_adapter_recomputes_attention, calibration
+from tiny_models import (
+    QK_ONLY,
+    VOCAB,
+    assert_adapter_recomputes_attention,
+    assert_offload_is_bit_identical,
+    calibration,
+    random_model,
+)
 
 KINDS = ["qwen3_moe", "qwen2_moe", "mixtral"]
 EXPERTS = 4
@@ -35,19 +41,12 @@ def tiny_moe(kind: str, seed: int = 0, **overrides):
     else:
         extra = {"shared_expert_intermediate_size": 40} if kind == "qwen2_moe" else {}
         config = CONFIGS[kind](num_experts=EXPERTS, moe_intermediate_size=32, intermediate_size=48, **extra, **common)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    model = random_model(config, seed)
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8)
-            layer.self_attn.k_proj.weight.mul_(8)
             if hasattr(layer.mlp, "experts"):
                 layer.mlp.gate.weight.mul_(50)
     return model
-
-
-def saved_tensors(folder) -> dict[str, torch.Tensor]:
-    return {name: tensor for file in sorted(folder.glob("*.safetensors")) for name, tensor in load_file(file).items()}
 
 
 def recipe(linear_method: str) -> dict:
@@ -212,31 +211,11 @@ def test_no_offload_cpu_offload_and_disk_offload_are_bit_identical(kind, tmp_pat
     """Routed inputs, q/k norms and biases are read through accelerate's offload hooks; stacked expert tensors
     are written back through its weights map."""
     tiny_moe(kind).save_pretrained(tmp_path / "dense")
-    results = {}
-
-    def prune_and_save(name, model):
-        pruner = AttentionPruner(**recipe("sparsegpt"))
-        pruner.prune_model(model, calibration=calibration(), progress=False)
-        pruner.save(model, tmp_path / name)
-        results[name] = saved_tensors(tmp_path / name)
-
-    prune_and_save("plain", AutoModelForCausalLM.from_pretrained(tmp_path / "dense", attn_implementation="eager"))
-    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", attn_implementation="eager")
-    cpu_offload(offloaded, execution_device=torch.device("cpu"))
-    assert offloaded.model.layers[0].mlp.experts.gate_up_proj.device.type == "meta"
-    prune_and_save("cpu_offload", offloaded)
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
                   "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    on_disk = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", attn_implementation="eager",
-                                                   device_map=device_map, offload_folder=tmp_path / "offload")
-    assert on_disk.model.layers[1].mlp.experts.down_proj.device.type == "meta"
-    prune_and_save("disk_offload", on_disk)
-    for name in ("cpu_offload", "disk_offload"):
-        assert results[name].keys() == results["plain"].keys()
-        for key, tensor in results["plain"].items():
-            assert torch.equal(results[name][key], tensor), (name, key)
+    plain = assert_offload_is_bit_identical(tmp_path / "dense", tmp_path, recipe("sparsegpt"), device_map)
     dense = load_file(tmp_path / "dense" / "model.safetensors")
-    assert [key for key in dense if "experts" in key and not torch.equal(dense[key], results["plain"][key])]
+    assert [key for key in dense if "experts" in key and not torch.equal(dense[key], plain[key])]
 
 
 def test_an_expert_no_token_reaches_is_pruned_by_magnitude_and_reported():
