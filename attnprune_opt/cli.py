@@ -10,6 +10,7 @@ import argparse
 import json
 import signal
 import sys
+from typing import Any
 from pathlib import Path
 
 from .errors import AttnPruneError
@@ -35,13 +36,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .pruner import AttentionPruner
 
     pruner = AttentionPruner.from_recipe(args.recipe)
-    if args.layers is not None or args.refit_iterations is not None:
-        config = pruner.to_dict()
-        if args.layers is not None:
-            config["layers"] = args.layers
-        if args.refit_iterations is not None:
-            config["attention"]["refit_iterations"] = args.refit_iterations
-        pruner = AttentionPruner.from_dict(config)
+    changes: dict[str, Any] = {}
+    if args.layers is not None:
+        changes["layers"] = args.layers
+    if args.refit_iterations is not None:
+        changes["attention"] = {"refit_iterations": args.refit_iterations}
+    if changes:
+        pruner = AttentionPruner.from_dict(pruner.config.with_changes(**changes).to_dict())
     # Everything that can be checked before the expensive part.
     check_output_dir(args.output, args.overwrite)
     shard_bytes(args.max_shard_size)

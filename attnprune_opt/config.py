@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from .errors import RecipeError
+from .methods.base import METHODS, MethodSettings, settings_blocks
+from .models.base import ATTENTION_ROLES, ROLES
 
-ModuleName = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-Method = Literal["attention", "sparsegpt", "wanda", "magnitude"]
-ATTENTION_MODULES = ("q_proj", "k_proj")
+ModuleName = Literal[ROLES]
 _N_M = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -32,7 +32,7 @@ class PruneRule(_Strict):
     """Prune ``modules`` of every decoder layer with ``method`` to ``sparsity`` (or an N:M ``structure``)."""
 
     modules: tuple[ModuleName, ...] = Field(min_length=1)
-    method: Method
+    method: str
     sparsity: float | None = Field(default=None, ge=0.0, lt=1.0, allow_inf_nan=False)
     structure: str = "unstructured"
 
@@ -42,6 +42,13 @@ class PruneRule(_Strict):
         if len(set(modules)) != len(modules):
             raise ValueError(f"modules listed twice: {list(modules)}")
         return modules
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        if METHODS.get(method) is None:
+            raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS.names())}")
+        return method
 
     @field_validator("structure")
     @classmethod
@@ -56,8 +63,9 @@ class PruneRule(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> PruneRule:
         """Unstructured rules need a sparsity; N:M implies one (1 - N/M), which a given value must match."""
-        if self.method == "attention" and set(self.modules) - set(ATTENTION_MODULES):
-            raise ValueError(f"method 'attention' prunes q_proj/k_proj only, got {list(self.modules)}")
+        roles = METHODS.get(self.method).roles
+        if roles is not None and set(self.modules) - set(roles):
+            raise ValueError(f"method {self.method!r} prunes {'/'.join(roles)} only, got {list(self.modules)}")
         if self.n_m is None:
             if self.sparsity is None:
                 raise ValueError("sparsity is required for unstructured pruning")
@@ -75,39 +83,6 @@ class PruneRule(_Strict):
         return (int(match[1]), int(match[2])) if match else None
 
 
-class AttentionSettings(_Strict):
-    """The method on q_proj/k_proj (docs/method.md sections 4 and 7): how the binary pattern is chosen (``mask``), the
-    paper's descent (used when ``mask`` is ``descent``), and the refit of the kept weights to the attention loss.
-
-    The refit's steps are stochastic by default: each sees a share of the calibration sequences and of their query
-    rows (benchmarks/speed.py; docs/method.md section 7b). ``refit_row_fraction: 1`` with ``refit_sequence_fraction:
-    1`` and 50 iterations is the exact solver of version 0.1."""
-
-    mask: Literal["descent", "wanda", "magnitude", "sparsegpt"] = "wanda"
-    lam: float = Field(default=0.01, ge=0.0, allow_inf_nan=False)
-    iterations: int = Field(default=100, ge=0)
-    step_size: float = Field(default=0.05, gt=0.0, allow_inf_nan=False)
-    tol: float = Field(default=1e-6, ge=0.0)
-    line_search: bool = True
-    group: Literal["row", "head", "matrix"] = "row"
-    score: Literal["mask", "mask_weight"] = "mask_weight"
-    refit_iterations: int = Field(default=100, ge=0)
-    refit_lr: float = Field(default=0.01, gt=0.0, allow_inf_nan=False)
-    refit_row_fraction: float = Field(default=0.125, gt=0.0, le=1.0, allow_inf_nan=False)
-    refit_sequence_fraction: float = Field(default=0.5, gt=0.0, le=1.0, allow_inf_nan=False)
-
-    @model_validator(mode="after")
-    def _sparsegpt_groups(self) -> AttentionSettings:
-        if self.mask == "sparsegpt" and self.group == "head":
-            raise ValueError("mask 'sparsegpt' selects per row or per matrix, not per head")
-        return self
-
-
-class SparseGPTSettings(_Strict):
-    blocksize: int = Field(default=128, ge=1)
-    percdamp: float = Field(default=0.01, gt=0.0, allow_inf_nan=False)
-
-
 class CalibrationSettings(_Strict):
     """Where calibration text comes from: ``c4``, ``wikitext2``, a .txt/.jsonl/.parquet file, or
     ``hf:<name>[:config][:split]``; ``first`` takes the pool's first rows (C4 rows 0-7 by default), ``random``
@@ -120,12 +95,16 @@ class CalibrationSettings(_Strict):
     rows: tuple[int, int] | None = None
 
 
-class PrunerConfig(_Strict):
-    """Everything a pruning run depends on; ``to_dict``/``from_dict`` round-trip it exactly."""
+class _PrunerConfig(_Strict):
+    """Everything a pruning run depends on; ``to_dict``/``from_dict`` round-trip it exactly.
 
-    rules: tuple[PruneRule, ...] = (PruneRule(modules=ATTENTION_MODULES, method="attention", sparsity=0.5),)
-    attention: AttentionSettings = AttentionSettings()
-    sparsegpt: SparseGPTSettings = SparseGPTSettings()
+    Besides the fields below, each registered method with settings has a block of its name (``attention``,
+    ``sparsegpt``), validated by the method's settings model; a block no rule's method reads, or a setting the
+    chosen configuration never reads, is an error. ``to_dict`` writes every setting that is read, defaults included,
+    so a saved recipe says everything the run used.
+    """
+
+    rules: tuple[PruneRule, ...] = (PruneRule(modules=ATTENTION_ROLES, method="attention", sparsity=0.5),)
     calibration: CalibrationSettings = CalibrationSettings()
     propagate: Literal["pruned", "dense"] = "pruned"
     layers: tuple[int, ...] | None = None
@@ -142,7 +121,27 @@ class PrunerConfig(_Strict):
         return layers
 
     @model_validator(mode="after")
-    def _each_module_once(self) -> PrunerConfig:
+    def _settings_read(self) -> _PrunerConfig:
+        read = self.settings_in_use()
+        for name in settings_blocks():
+            if name in self.model_fields_set and name not in read:
+                raise ValueError(f"{name}: settings of method {name!r}, which no rule uses")
+        for name in read:
+            block: MethodSettings = getattr(self, name)
+            for key, why in block.unused().items():
+                if key in block.model_fields_set:
+                    raise ValueError(f"{name}.{key}: not used: {why}")
+        return self
+
+    def settings_in_use(self) -> tuple[str, ...]:
+        """The method blocks this configuration reads."""
+        read = dict.fromkeys(rule.method for rule in self.rules if rule.method in settings_blocks())
+        for name in list(read):
+            read.update(dict.fromkeys(getattr(self, name).reads_settings_of()))
+        return tuple(read)
+
+    @model_validator(mode="after")
+    def _each_module_once(self) -> _PrunerConfig:
         if not self.rules:
             raise ValueError("rules must name at least one module to prune")
         seen: dict[str, int] = {}
@@ -157,7 +156,23 @@ class PrunerConfig(_Strict):
         return next((rule for rule in self.rules if module in rule.modules), None)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        data = self.model_dump(mode="json", exclude=set(settings_blocks()))
+        for name in self.settings_in_use():
+            block: MethodSettings = getattr(self, name)
+            data[name] = block.model_dump(mode="json", exclude=set(block.unused()))
+        return data
+
+    def with_changes(self, **changes: Any) -> PrunerConfig:
+        """This config with fields or method settings changed (``attention={"refit_iterations": 0}``); settings
+        that the change leaves unread are dropped."""
+        data = self.to_dict()
+        for key, value in changes.items():
+            if key in settings_blocks():
+                block: MethodSettings = getattr(self, key).model_copy(update=value)
+                data[key] = block.model_dump(mode="json", exclude=set(block.unused()))
+            else:
+                data[key] = value
+        return PrunerConfig.from_dict(data)
 
     @classmethod
     def from_dict(cls, data: Any) -> PrunerConfig:
@@ -189,6 +204,11 @@ class PrunerConfig(_Strict):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+PrunerConfig = create_model(
+    "PrunerConfig", __base__=_PrunerConfig, __doc__=_PrunerConfig.__doc__,
+    **{name: (settings, settings()) for name, settings in settings_blocks().items()})
+
+
 def _describe(exc: ValidationError) -> str:
     """One line per problem: the key path, what is wrong, and for an unknown key the nearest valid one."""
     lines = []
@@ -204,7 +224,7 @@ def _describe(exc: ValidationError) -> str:
             message = error["msg"].removeprefix("Value error, ")
             value = error.get("input")
             got = "" if isinstance(value, (dict, list, tuple)) else f" (got {value!r})"
-            lines.append(f"{path}: {message}{got}")
+            lines.append(f"{path}: {message}{got}" if loc else message)
     return "; ".join(lines)
 
 

@@ -31,9 +31,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from attnprune_opt.atomic import atomic_output_dir, check_output_dir  # noqa: E402
-from attnprune_opt.config import AttentionSettings, PruneRule  # noqa: E402
+from attnprune_opt.config import PruneRule  # noqa: E402
+from attnprune_opt.methods.attention import AttentionSettings  # noqa: E402
 from attnprune_opt.core import softmax_loss_and_logit_grad  # noqa: E402
-from attnprune_opt.pipeline.methods import _input_statistics, _keep, _Layer, apply_mask, refit_config  # noqa: E402
+from attnprune_opt.methods.attention import _input_statistics, _keep, _Layer, apply_mask, refit_config  # noqa: E402
 from tuning import LayerData, attention_error, baselines, capture  # noqa: E402
 
 SPARSITY = 0.5

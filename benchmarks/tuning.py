@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 
 from attnprune_opt.atomic import atomic_output_dir, check_output_dir
-from attnprune_opt.config import AttentionSettings, PruneRule, SparseGPTSettings
+from attnprune_opt.config import PruneRule
+from attnprune_opt.methods.attention import AttentionSettings
+from attnprune_opt.methods.sparsegpt import SparseGPTSettings
 from attnprune_opt.core import InputStatistics, magnitude_mask, multihead_attention_probs, sparsegpt, wanda_mask
 from attnprune_opt.data import CalibrationSpec, load_calibration
 from attnprune_opt.evaluation.perplexity import c4_perplexity, wikitext2_perplexity
@@ -37,7 +39,7 @@ from attnprune_opt.models.base import read_matrix
 from attnprune_opt.models.registry import get_adapter
 from attnprune_opt.models.loading import load_model, load_tokenizer
 from attnprune_opt.pipeline.capture import capture_layer_inputs, record_linear_inputs, run_layer
-from attnprune_opt.pipeline.methods import AttentionInputs, prune_attention
+from attnprune_opt.methods.attention import AttentionInputs, prune_attention
 from attnprune_opt.pruner import AttentionPruner
 
 SPARSITY = 0.5

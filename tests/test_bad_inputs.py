@@ -10,7 +10,7 @@ from attnprune_opt.cli import main
 from attnprune_opt.models.registry import supported_model_types
 
 RECIPE = {"rules": [{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5}],
-          "attention": {"iterations": 2, "refit_iterations": 0},
+          "attention": {"refit_iterations": 0},
           "calibration": {"source": "c4", "num_samples": 2, "seq_len": 32}}
 
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from attnprune_opt.cli import main
 
 RECIPE = {"rules": [{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5}],
-          "attention": {"iterations": 5}, "calibration": {"source": "c4", "num_samples": 2, "seq_len": 32}}
+          "attention": {"refit_iterations": 5}, "calibration": {"source": "c4", "num_samples": 2, "seq_len": 32}}
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +49,7 @@ def test_overrides_reach_the_run_and_the_saved_recipe(model_dir, recipe, tmp_pat
                  "--layers", "1", "--refit-iterations", "0", "--max-shard-size", "20KB"]) == 0
     manifest = json.loads((out / "attnprune_manifest.json").read_text())
     assert manifest["config"]["layers"] == [1] and manifest["config"]["attention"]["refit_iterations"] == 0
-    assert RECIPE["attention"] == {"iterations": 5}  # the user's recipe is untouched
+    assert RECIPE["attention"] == {"refit_iterations": 5}  # the user's recipe is untouched
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
     pruned = AutoModelForCausalLM.from_pretrained(out)
     assert (pruned.model.layers[1].self_attn.q_proj.weight == 0).float().mean() == 0.5
@@ -69,8 +69,9 @@ def test_bad_recipe_is_one_line_and_leaves_nothing(model_dir, tmp_path, capsys):
 def test_unsupported_model_and_missing_data_are_one_line(model_dir, recipe, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ATTNPRUNE_DATA_DIR", str(tmp_path / "nowhere"))
     nm = tmp_path / "nm.yaml"
-    nm.write_text(yaml.safe_dump({**RECIPE, "rules": [{"modules": ["q_proj"], "method": "wanda",
-                                                        "structure": "3:128"}]}))
+    wanda = {key: value for key, value in RECIPE.items() if key != "attention"}
+    nm.write_text(yaml.safe_dump({**wanda, "rules": [{"modules": ["q_proj"], "method": "wanda",
+                                                       "structure": "3:128"}]}))
     out = tmp_path / "pruned"
     assert main(["prune", "--recipe", str(nm), "--model", str(model_dir), "--output", str(out)]) == 2
     assert "does not divide the input size 64" in capsys.readouterr().err

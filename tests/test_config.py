@@ -38,6 +38,13 @@ def test_recipes_ship_and_validate():
     ({"rules": [{"modules": ["q_proj"], "method": "wanda", "sparsity": 0.5},
                 {"modules": ["q_proj"], "method": "magnitude", "sparsity": 0.5}]}, "targeted by rules 0 and 1"),
     ({"attention": {"lam": float("nan")}}, "attention.lam"),
+    # a setting the configuration never reads is an error, not silently ignored
+    ({"attention": {"lam": 0.1}}, "attention.lam: not used: read only with mask 'descent', not 'wanda'"),
+    ({"attention": {"refit_iterations": 0, "refit_lr": 0.1}}, "attention.refit_lr: not used: read only when"),
+    ({"rules": [{"modules": ["q_proj"], "method": "wanda", "sparsity": 0.5}], "sparsegpt": {"blocksize": 8}},
+     "sparsegpt: settings of method 'sparsegpt', which no rule uses"),
+    ({"rules": [{"modules": ["q_proj"], "method": "wanda", "sparsity": 0.5}], "attention": {"mask": "wanda"}},
+     "attention: settings of method 'attention', which no rule uses"),
 ])
 def test_errors_name_the_problem(data, message):
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(".", r"\.")):

@@ -205,7 +205,7 @@ def pruned_folder(tmp_path_factory, dense, tok):
     assert getattr(model, SOURCE_ATTR)["source"] == "dense"
     assert getattr(model, SOURCE_ATTR)["sha256"].keys() == {"config.json", "model.safetensors"}
     pruner = AttentionPruner(rules=[{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5}],
-                             attention={"iterations": 5})
+                             attention={"refit_iterations": 5})
     pruner.prune_model(model, calibration=calibration(), progress=False)
     pruner.save(model, root / "pruned", tokenizer=tok)
     return root

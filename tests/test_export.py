@@ -127,7 +127,7 @@ def test_a_rule_that_does_not_hold_leaves_no_output(tmp_path):
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
     """Pruned whole-model at 50%, saved dense, and bitmask in several shards."""
-    model, pruner = pruned_tiny_model({**WHOLE_MODEL, "attention": {"iterations": 5, "refit_iterations": 3}})
+    model, pruner = pruned_tiny_model({**WHOLE_MODEL, "attention": {"refit_iterations": 3}})
     root = tmp_path_factory.mktemp("pruned")
     pruner.save(model, root / "dense")
     pruner.save(model, root / "bitmask", format="bitmask", max_shard_size=60_000)

@@ -7,15 +7,6 @@ import copy
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
-
-from attnprune_opt import AttentionPruner
-from attnprune_opt.config import PruneRule, SparseGPTSettings
-from attnprune_opt.core import InputStatistics
-from attnprune_opt.models.base import read_matrix
-from attnprune_opt.models.registry import get_adapter
-from attnprune_opt.pipeline.capture import capture_layer_inputs, record_matrix_inputs, run_layer
-from attnprune_opt.pipeline.methods import prune_linear
 from tiny_models import (
     QK_ONLY,
     VOCAB,
@@ -24,6 +15,14 @@ from tiny_models import (
     calibration,
     random_model,
 )
+from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+from attnprune_opt import AttentionPruner
+from attnprune_opt.core import InputStatistics
+from attnprune_opt.methods.base import method
+from attnprune_opt.models.base import read_matrix
+from attnprune_opt.models.registry import get_adapter
+from attnprune_opt.pipeline.capture import capture_layer_inputs, record_matrix_inputs, run_layer
 
 KINDS = ["qwen3_moe", "qwen2_moe", "mixtral"]
 EXPERTS = 4
@@ -50,10 +49,11 @@ def tiny_moe(kind: str, seed: int = 0, **overrides):
 
 
 def recipe(linear_method: str) -> dict:
+    settings = {"sparsegpt": {"blocksize": 16}} if linear_method == "sparsegpt" else {}
     return dict(rules=[{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5},
                        {"modules": ["v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                         "method": linear_method, "sparsity": 0.5}],
-                attention={"iterations": 5}, sparsegpt={"blocksize": 16})
+                attention={"refit_iterations": 5}, **settings)
 
 
 def what_experts_receive(model, sequences, monkeypatch) -> dict[tuple[int, str], list[torch.Tensor]]:
@@ -136,14 +136,14 @@ def test_routed_inputs_are_exactly_what_each_expert_receives(kind, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
-def test_whole_model_recipe_prunes_each_expert_with_its_own_tokens(kind, method, monkeypatch):
+@pytest.mark.parametrize("name", ["sparsegpt", "wanda"])
+def test_whole_model_recipe_prunes_each_expert_with_its_own_tokens(kind, name, monkeypatch):
     """Every matrix of every expert ends exactly half zeros, and layer 0's experts are what the linear method
     gives on each expert's own routed inputs (the first layer's inputs do not depend on earlier pruning)."""
     model = tiny_moe(kind)
     dense = copy.deepcopy(model)
     sequences = calibration()
-    pruner = AttentionPruner(**recipe(method))
+    pruner = AttentionPruner(**recipe(name))
     pruner.prune_model(model, calibration=sequences, progress=False)
     adapter = get_adapter(model)
     for index, layer in enumerate(adapter.layers(model)):
@@ -154,15 +154,15 @@ def test_whole_model_recipe_prunes_each_expert_with_its_own_tokens(kind, method,
 
     dense.config._experts_implementation = "eager"
     seen = what_experts_receive(dense, sequences, monkeypatch)
-    rule = PruneRule(modules=("gate_proj",), method=method, sparsity=0.5)
+    rule = pruner.config.rule_for("gate_proj")
     for p in adapter.prunables(0):
         if p.expert is None:
             continue
-        stats = InputStatistics(read_matrix(dense.model.layers[0], p).shape[1], hessian=method == "sparsegpt")
+        stats = InputStatistics(read_matrix(dense.model.layers[0], p).shape[1], hessian=name == "sparsegpt")
         for x in seen[0, adapter.input_key(p)]:
             stats.update(x)
         assert stats.tokens > 0, p.label
-        expected = prune_linear(read_matrix(dense.model.layers[0], p), rule, stats, SparseGPTSettings(blocksize=16))
+        expected = method(name).prune_matrix(read_matrix(dense.model.layers[0], p), rule, stats, pruner.config)
         assert torch.equal(read_matrix(model.model.layers[0], p), expected), p.label
 
 
@@ -236,9 +236,9 @@ def test_an_expert_no_token_reaches_is_pruned_by_magnitude_and_reported():
     starved = [p for p in adapter.prunables(0) if p.expert in (2, 3)]
     for report in pruner.report.layers:
         assert report.uncalibrated == [p.label for p in starved]
-    magnitude = PruneRule(modules=("gate_proj",), method="magnitude", sparsity=0.5)
     for p in starved:
-        expected = prune_linear(read_matrix(dense.model.layers[0], p), magnitude, None, SparseGPTSettings())
+        expected = method("magnitude").prune_matrix(read_matrix(dense.model.layers[0], p),
+                                                    pruner.config.rule_for(p.role), None, pruner.config)
         assert torch.equal(read_matrix(model.model.layers[0], p), expected)
     assert "no calibration token" in pruner.report.to_markdown()
 

@@ -29,7 +29,7 @@ from tiny_models import QK_ONLY, pruned_tiny_model, save_tiny_model_folder
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A tiny Llama pruned at 50% (q/k), saved dense and bitmask."""
-    model, pruner = pruned_tiny_model({**QK_ONLY, "attention": {"iterations": 3, "refit_iterations": 2}})
+    model, pruner = pruned_tiny_model({**QK_ONLY, "attention": {"refit_iterations": 2}})
     root = tmp_path_factory.mktemp("saved")
     pruner.save(model, root / "dense")
     pruner.save(model, root / "bitmask", format="bitmask")
@@ -275,7 +275,7 @@ def test_output_containing_the_current_directory_is_refused(tmp_path, monkeypatc
 # --- the same through the command line, on a real (tiny) model --------------------------------------------------------
 
 PRUNE_RECIPE = {"rules": [{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5}],
-                "attention": {"iterations": 2, "refit_iterations": 0},
+                "attention": {"refit_iterations": 0},
                 "calibration": {"source": "c4", "num_samples": 2, "seq_len": 32}}
 PAUSED_PRUNE = r"""
 import sys, time

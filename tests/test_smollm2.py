@@ -28,7 +28,7 @@ def test_smollm2_end_to_end_on_two_layers(smollm2, tmp_path, all_threads, mini_d
     model, tokenizer = smollm2
     model = copy.deepcopy(model)
     dense = copy.deepcopy(model.state_dict())
-    pruner = AttentionPruner(layers=[0, 1], attention={"iterations": 5},
+    pruner = AttentionPruner(layers=[0, 1], attention={"refit_iterations": 5},
                              calibration={"source": "c4", "num_samples": 2, "seq_len": 64})
     pruner.prune_model(model, tokenizer, progress=False)
     assert pruner.report.calibration["indices"] == [0, 1]

@@ -46,11 +46,11 @@ WHOLE_MODEL = dict(
     rules=[{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5},
            {"modules": ["v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "method": "sparsegpt",
             "sparsity": 0.5}],
-    attention={"iterations": 15},
+    attention={"refit_iterations": 15},
     sparsegpt={"blocksize": 32},
 )
 QK_ONLY = dict(rules=[{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5}],
-               attention={"iterations": 15})
+               attention={"refit_iterations": 15})
 
 
 def assert_adapter_recomputes_attention(model, ids: torch.Tensor, atol: float) -> None:

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 from ..config import PrunerConfig
 from ..errors import ArtifactError
@@ -98,6 +98,10 @@ class Manifest(_Record):
     versions: dict[str, str | None]
     exported_from: dict[str, Any] | None = None
     digest: str = ""
+
+    @field_serializer("config")
+    def _config(self, config: PrunerConfig) -> dict[str, Any]:
+        return config.to_dict()
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:

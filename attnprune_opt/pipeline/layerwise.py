@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 
 from ..config import PrunerConfig, PruneRule
 from ..errors import CalibrationDataError, ConfigError, NonFiniteWeightsError
+from ..methods.attention import AttentionInputs, AttentionResult, prune_attention
+from ..methods.base import method
 from ..models.base import ATTENTION_ROLES, DecoderAdapter, Prunable, read_matrix, write_matrices
 from .capture import LayerInput, check_finite, record_matrix_inputs, run_layer
-from .methods import AttentionInputs, AttentionResult, prune_attention, prune_linear
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: 
                  config: PrunerConfig) -> tuple[LayerReport, list[LayerInput]]:
     start = time.perf_counter()
     targets = {p: rule for p in adapter.prunables(index) if (rule := config.rule_for(p.role)) is not None}
-    attention_rules = {p.role: r for p, r in targets.items() if r.method == "attention"}
+    attention_rules = {p.role: r for p, r in targets.items() if method(r.method).joint}
     for prunable in targets:
         if not torch.isfinite(read_matrix(layer, prunable)).all():
             raise NonFiniteWeightsError(f"{adapter.layer_prefix(index)}.{prunable.label} contains NaN or infinity")
@@ -155,8 +156,8 @@ def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: 
         return list(dict.fromkeys(adapter.input_key(p) for p in prunables))
 
     keep = inputs_of([adapter.prunable(index, "q_proj")]) if attention_rules else []
-    hessian = inputs_of([p for p, r in targets.items() if r.method == "sparsegpt"])
-    norms = inputs_of([p for p, r in targets.items() if r.method == "wanda"])
+    hessian = inputs_of([p for p, r in targets.items() if method(r.method).statistic == "hessian"])
+    norms = inputs_of([p for p, r in targets.items() if method(r.method).statistic == "norms"])
     with record_matrix_inputs(adapter, index, layer, keep=keep, hessian=hessian, norms=norms) as recorded:
         dense_outputs = run_layer(layer, inputs)
     if not check_finite([o.hidden for o in dense_outputs]):
@@ -171,16 +172,17 @@ def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: 
                                            result.refit_kept, result.seconds)
         pruned.update({adapter.prunable(index, role): weight for role, weight in result.weights.items()})
     for prunable, rule in targets.items():
-        if rule.method == "attention":
+        if prunable.role in attention_rules:
             continue
+        chosen = method(rule.method)
         stats = recorded.stats.get(adapter.input_key(prunable))
         if stats is not None and stats.tokens == 0:
             # Only a routed input (a mixture-of-experts expert) can miss every calibration token.
             logger.warning("%s.%s received no calibration token; pruned by magnitude",
                            adapter.layer_prefix(index), prunable.label)
             report.uncalibrated.append(prunable.label)
-            rule = rule.model_copy(update={"method": "magnitude"})
-        pruned[prunable] = prune_linear(read_matrix(layer, prunable), rule, stats, config.sparsegpt)
+            chosen = method("magnitude")
+        pruned[prunable] = chosen.prune_matrix(read_matrix(layer, prunable), rule, stats, config)
     write_matrices(layer, pruned)
     for prunable, rule in targets.items():
         measured = _measure(read_matrix(layer, prunable), rule)

@@ -1,4 +1,5 @@
-"""Applying a recipe rule to weights: the method on q_proj/k_proj, a linear baseline on any other linear.
+"""The paper's method on q_proj/k_proj: choose the pattern, then refit the kept q/k values to the softmax-attention
+objective (docs/method.md sections 4, 7 and 7b).
 
 Pure tensor code over weights and captured inputs (no model objects), so it can be tested on its own.
 """
@@ -8,27 +9,84 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
-from ..config import AttentionSettings, PruneRule, SparseGPTSettings
 from ..core import (
     AttentionSpec,
     FactoredAttentionObjective,
     InputStatistics,
     SolverConfig,
-    magnitude_mask,
     n_m_mask,
     solve,
     sparsegpt,
     topk_mask,
-    wanda_mask,
 )
 from ..core.objective import KeptWeightsObjective
 from ..core.solver import AdamConfig, StepCallback, adam
+from .base import MethodSettings, PruningMethod, register_method
+from .magnitude import apply_mask
+from .sparsegpt import SparseGPTSettings
+
+if TYPE_CHECKING:
+    from ..config import PruneRule
 
 SOLVE_DTYPE = torch.float32
+
+
+class AttentionSettings(MethodSettings):
+    """How the binary pattern is chosen (``mask``), the paper's descent (used when ``mask`` is ``descent``), and the
+    refit of the kept weights to the attention loss.
+
+    The refit's steps are stochastic by default: each sees a share of the calibration sequences and of their query
+    rows (benchmarks/speed.py; docs/method.md section 7b). ``refit_row_fraction: 1`` with ``refit_sequence_fraction:
+    1`` and 50 iterations is the exact solver of version 0.1."""
+
+    mask: Literal["descent", "wanda", "magnitude", "sparsegpt"] = "wanda"
+    lam: float = Field(default=0.01, ge=0.0, allow_inf_nan=False)
+    iterations: int = Field(default=100, ge=0)
+    step_size: float = Field(default=0.05, gt=0.0, allow_inf_nan=False)
+    tol: float = Field(default=1e-6, ge=0.0)
+    line_search: bool = True
+    group: Literal["row", "head", "matrix"] = "row"
+    score: Literal["mask", "mask_weight"] = "mask_weight"
+    refit_iterations: int = Field(default=100, ge=0)
+    refit_lr: float = Field(default=0.01, gt=0.0, allow_inf_nan=False)
+    refit_row_fraction: float = Field(default=0.125, gt=0.0, le=1.0, allow_inf_nan=False)
+    refit_sequence_fraction: float = Field(default=0.5, gt=0.0, le=1.0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _sparsegpt_groups(self) -> AttentionSettings:
+        if self.mask == "sparsegpt" and self.group == "head":
+            raise ValueError("mask 'sparsegpt' selects per row or per matrix, not per head")
+        return self
+
+    def unused(self) -> dict[str, str]:
+        unused = {}
+        if self.mask != "descent":
+            unused.update(dict.fromkeys(("lam", "iterations", "step_size", "tol", "line_search", "score"),
+                                        f"read only with mask 'descent', not {self.mask!r}"))
+        if self.refit_iterations == 0:
+            unused.update(dict.fromkeys(("refit_lr", "refit_row_fraction", "refit_sequence_fraction"),
+                                        "read only when refit_iterations > 0"))
+        return unused
+
+    def reads_settings_of(self) -> tuple[str, ...]:
+        return ("sparsegpt",) if self.mask == "sparsegpt" else ()
+
+
+@register_method
+class Attention(PruningMethod):
+    """Joint: q_proj and k_proj of a layer are fitted together against the layer's attention probabilities."""
+
+    name = "attention"
+    settings = AttentionSettings
+    roles = ("q_proj", "k_proj")
+    joint = True
+
 
 
 @dataclass
@@ -192,12 +250,6 @@ def prune_attention(
         seconds=time.perf_counter() - start_time)
 
 
-def apply_mask(weight: Tensor, keep: Tensor) -> Tensor:
-    """Pruned entries set to +0.0 (multiplying by the mask would leave -0.0 for negative weights, which a
-    sparse format storing "non-zeros" would then keep or lose inconsistently)."""
-    return weight.masked_fill(~keep, 0.0)
-
-
 def _keep(scores: Tensor, rule: PruneRule, settings: AttentionSettings, head_dim: int) -> Tensor:
     if rule.n_m is not None:
         return n_m_mask(scores, *rule.n_m)
@@ -213,22 +265,3 @@ def _input_statistics(inputs: AttentionInputs, hessian: bool) -> InputStatistics
 
 def _rms(t: Tensor) -> float:
     return float(t.pow(2).mean().sqrt()) or 1.0
-
-
-def prune_linear(weight: Tensor, rule: PruneRule, stats: InputStatistics | None,
-                 settings: SparseGPTSettings) -> Tensor:
-    """A linear baseline on one weight; magnitude and Wanda keep the surviving values bit for bit, SparseGPT
-    updates them to compensate for the pruned ones."""
-    if rule.method == "magnitude":
-        return apply_mask(weight, magnitude_mask(weight, rule.sparsity, n_m=rule.n_m))
-    if stats is None:
-        raise ValueError(f"{rule.method} needs calibration statistics of the layer input")
-    if rule.method == "wanda":
-        return apply_mask(weight, wanda_mask(weight.float(), stats.column_norms, rule.sparsity, n_m=rule.n_m))
-    if rule.method == "sparsegpt":
-        updated, _ = sparsegpt(weight, stats.hessian, rule.sparsity, n_m=rule.n_m, blocksize=settings.blocksize,
-                               percdamp=settings.percdamp)
-        return updated
-    raise ValueError(f"{rule.method!r} is not a linear pruning method")
-
-

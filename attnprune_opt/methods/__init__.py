@@ -1,0 +1,1 @@
+"""Pruning methods, one module each; every module registers its method (see methods/base.py)."""
