@@ -7,14 +7,6 @@ import copy
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import (
-    QK_ONLY,
-    VOCAB,
-    assert_adapter_recomputes_attention,
-    assert_offload_is_bit_identical,
-    calibration,
-    random_model,
-)
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from attnprune_opt import AttentionPruner
@@ -23,6 +15,14 @@ from attnprune_opt.methods.base import method
 from attnprune_opt.models.base import read_matrix
 from attnprune_opt.models.registry import get_adapter
 from attnprune_opt.pipeline.capture import capture_layer_inputs, record_matrix_inputs, run_layer
+from tiny_models import (
+    QK_ONLY,
+    VOCAB,
+    assert_adapter_recomputes_attention,
+    assert_offload_is_bit_identical,
+    calibration,
+    random_model,
+)
 
 KINDS = ["qwen3_moe", "qwen2_moe", "mixtral"]
 EXPERTS = 4
