@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qw
 
 from attnprune_opt import AttentionPruner
 from attnprune_opt.core import InputStatistics
+from attnprune_opt.errors import ConfigError
 from attnprune_opt.methods.base import method
 from attnprune_opt.models.base import read_matrix
 from attnprune_opt.models.registry import get_adapter
@@ -34,12 +35,13 @@ def tiny_moe(kind: str, seed: int = 0, **overrides):
     routing depends on the token."""
     common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, num_experts_per_tok=2, max_position_embeddings=256,
-                  tie_word_embeddings=False, **overrides)
+                  tie_word_embeddings=False)
     if kind == "mixtral":
-        config = MixtralConfig(num_local_experts=EXPERTS, intermediate_size=32, **common)
+        config = MixtralConfig(**{"num_local_experts": EXPERTS, "intermediate_size": 32, **common, **overrides})
     else:
         extra = {"shared_expert_intermediate_size": 40} if kind == "qwen2_moe" else {}
-        config = CONFIGS[kind](num_experts=EXPERTS, moe_intermediate_size=32, intermediate_size=48, **extra, **common)
+        config = CONFIGS[kind](**{"num_experts": EXPERTS, "moe_intermediate_size": 32, "intermediate_size": 48,
+                                  **extra, **common, **overrides})
     model = random_model(config, seed)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -265,3 +267,15 @@ def test_dense_mlp_layers_prune_as_plain_linears(kind):
     sparsity = pruner.report.module_sparsity()
     assert {name: figures["sparsity"] for name, figures in sparsity.items()} == dict.fromkeys(
         ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), 0.5)
+
+
+def test_n_m_structure_is_checked_on_every_layers_matrices_before_pruning():
+    """Layer 0's dense MLP is 48 wide (2:4 divides it), the experts of layer 1 are 30 wide: refused up front,
+    naming the expert matrix."""
+    model = tiny_moe("qwen3_moe", mlp_only_layers=[0], moe_intermediate_size=30)
+    dense = copy.deepcopy(model.state_dict())
+    rules = [{"modules": ["down_proj"], "method": "magnitude", "structure": "2:4"}]
+    with pytest.raises(ConfigError, match=r"does not divide the input size 30 of model\.layers\.1\.mlp\.experts"
+                                          r"\.down_proj\[0\]"):
+        AttentionPruner(rules=rules).prune_model(model, calibration=calibration(), progress=False)
+    assert all(torch.equal(tensor, dense[name]) for name, tensor in model.state_dict().items())

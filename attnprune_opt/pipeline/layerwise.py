@@ -105,11 +105,13 @@ def check_config_fits(config: PrunerConfig, adapter: DecoderAdapter, model: nn.M
     for rule in config.rules:
         if rule.n_m is None:
             continue
-        for module in rule.modules:
-            in_features = read_matrix(layers[indices[0]], adapter.prunable(indices[0], module)).shape[1]
-            if in_features % rule.n_m[1]:
-                raise ConfigError(f"structure {rule.structure} does not divide the input size {in_features} of "
-                                  f"{module}")
+        for index in indices:  # layers may differ (a dense MLP among expert MLPs of another width)
+            for p in adapter.prunables(index):
+                # The shape only: an offloaded parameter is on the meta device.
+                in_features = getattr(layers[index].get_submodule(p.module), p.parameter).shape[-1]
+                if p.role in rule.modules and in_features % rule.n_m[1]:
+                    raise ConfigError(f"structure {rule.structure} does not divide the input size {in_features} "
+                                      f"of {adapter.layer_prefix(index)}.{p.label}")
 
 
 def prune_layers(
