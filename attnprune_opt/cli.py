@@ -31,6 +31,7 @@ def _device_map(value: str | None):
 def cmd_prune(args: argparse.Namespace) -> int:
     from .atomic import check_free_space, check_output_dir
     from .data.calibration import check_source
+    from .distributed import current_world
     from .export.save import shard_bytes
     from .models.loading import DEFAULT_MODEL, check_model_source, load_model, load_tokenizer
     from .pruner import AttentionPruner
@@ -58,6 +59,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     pruner.prune_model(model, tokenizer, progress=not args.quiet)
     out = pruner.save(model, args.output, overwrite=args.overwrite, format=args.format,
                       max_shard_size=args.max_shard_size)
+    if not current_world().is_main:  # torchrun: rank 0 wrote the output and reports it
+        return 0
     print(pruner.report.to_markdown())
     print(f"\n{_sizes_line(out)}\nsaved to {out}")
     return 0

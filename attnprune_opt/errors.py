@@ -47,3 +47,7 @@ class Terminated(KeyboardInterrupt):
 
 class ModelSourceError(AttnPruneError):
     """A model path cannot be used: it does not exist, is not a model folder, or holds no safetensors weights."""
+
+
+class DistributedError(AttnPruneError):
+    """A data-parallel run lost a rank: a collective failed or timed out (attnprune_opt/distributed.py)."""

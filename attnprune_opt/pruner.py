@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .config import PrunerConfig
 from .data import CalibrationSet, CalibrationSpec, load_calibration
 from .errors import CalibrationDataError, ConfigError
+from .distributed import current_world
 from .models.registry import get_adapter
 from .models.loading import SOURCE_ATTR
 from .models.offload import evaluating
@@ -61,29 +62,38 @@ class AttentionPruner:
         """
         start, start_cpu = time.perf_counter(), time.process_time()
         adapter = get_adapter(model)
+        world = current_world()
         calib = self._calibration(model, tokenizer, calibration)
         check_positions(self.config, model, max(len(s) for s in calib.sequences))
         check_config_fits(self.config, adapter, model)
         with evaluating(model), torch.no_grad():
-            inputs = capture_layer_inputs(model, adapter.layers(model), calib.sequences)
-            layers = prune_layers(adapter, model, inputs, self.config, progress=progress)
+            inputs = capture_layer_inputs(model, adapter.layers(model), world.shard(calib.sequences))
+            layers = prune_layers(adapter, model, inputs, self.config, progress=progress and world.is_main,
+                                  world=world, catalog=world.catalog([len(s) for s in calib.sequences]))
         self.tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         self.report = PruneReport(
             model={**(getattr(model, SOURCE_ATTR, None) or {"source": None, "name": type(model).__name__}),
                    "model_type": model.config.model_type, "num_layers": adapter.num_layers},
-            calibration=calib.provenance(), layers=layers, seconds=time.perf_counter() - start,
+            calibration=calib.provenance(), layers=layers, world_size=world.size,
+            communicated_bytes=dict(world.sent),
+            seconds=time.perf_counter() - start,
             cpu_seconds=time.process_time() - start_cpu,
             peak_rss_mb=peak_rss_mb())
         return model
 
     def save(self, model: nn.Module, out_dir: str | Path, overwrite: bool = False, tokenizer=None,
              format: str = "dense", max_shard_size: str | int = "2GB") -> Path:
-        """Write the pruned model, its tokenizer, the recipe and a manifest of measured sparsity; atomically."""
+        """Write the pruned model, its tokenizer, the recipe and a manifest of measured sparsity; atomically.
+        Under torchrun rank 0 writes and the others wait for it."""
         from .export.save import save_pruned
 
-        return save_pruned(model, out_dir, config=self.config, report=self.report,
-                           tokenizer=tokenizer if tokenizer is not None else self.tokenizer,
-                           overwrite=overwrite, format=format, max_shard_size=max_shard_size)
+        world = current_world()
+        if world.is_main:
+            save_pruned(model, out_dir, config=self.config, report=self.report,
+                        tokenizer=tokenizer if tokenizer is not None else self.tokenizer,
+                        overwrite=overwrite, format=format, max_shard_size=max_shard_size)
+        world.barrier()
+        return Path(out_dir)
 
     def calibration_spec(self) -> CalibrationSpec:
         """The configured calibration source, as :func:`~attnprune_opt.data.load_calibration` takes it."""

@@ -14,6 +14,8 @@ class PruneReport:
     model: dict[str, Any]
     calibration: dict[str, Any]
     layers: list[LayerReport] = field(default_factory=list)
+    world_size: int = 1  # processes that shared the calibration sequences (torchrun)
+    communicated_bytes: dict[str, int] = field(default_factory=dict)  # per collective, sent by this rank
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # all threads of the process: on a shared machine, steadier than wall time
     peak_rss_mb: float = 0.0
@@ -36,7 +38,9 @@ class PruneReport:
                 "final": statistics.fmean(a.error_final for a in found)}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "calibration": self.calibration, "seconds": self.seconds,
+        return {"model": self.model, "calibration": self.calibration, "world_size": self.world_size,
+                "communicated_bytes": self.communicated_bytes,
+                "seconds": self.seconds,
                 "cpu_seconds": self.cpu_seconds,
                 "peak_rss_mb": self.peak_rss_mb, "module_sparsity": self.module_sparsity(),
                 "attention_error": self.attention_errors(), "layers": [asdict(layer) for layer in self.layers]}
@@ -44,7 +48,7 @@ class PruneReport:
     def to_markdown(self) -> str:
         lines = [f"Pruned {self.model.get('name', '?')} ({self.model.get('model_type', '?')}): "
                  f"{len(self.layers)} layers in {self.seconds:.1f} s ({self.cpu_seconds:.1f} CPU s), "
-                 f"peak RSS {self.peak_rss_mb:.0f} MB",
+                 f"peak RSS {self.peak_rss_mb:.0f} MB" + (f", {self.world_size} ranks" if self.world_size > 1 else ""),
                  f"Calibration: {self.calibration.get('description', '?')}"]
         if self.calibration.get("self_generated"):
             lines.append("NOTE: calibrated on text the model generated itself (calibration.source: self-generated).")

@@ -10,7 +10,7 @@ first 32 C4 documents) and 50 examples per task; the full run: all windows, 128 
 
 Writes real_model.json (one record per configuration), real_model.md and real_model.png into --out.
 Usage: python benchmarks/real_model.py [--quick] --out DIR [--overwrite] [--only CONFIG ...] [--methods METHOD ...]
-       [--tasks [TASK ...]] [--readme]
+       [--tasks [TASK ...]] [--readme] [--model PATH]
 """
 
 from __future__ import annotations
@@ -67,13 +67,14 @@ def configurations() -> list[dict]:
     return runs
 
 
-def prune(run: dict, work: Path) -> Path:
+def prune(run: dict, work: Path, model: str | None = None) -> Path:
     """Prune in a separate process (the CLI), so time and memory are measured for this run alone."""
     recipe = work / f"{run['config']}_{run['method']}.yaml"
     recipe.write_text(yaml.safe_dump(run["recipe"], sort_keys=False))
     out = work / recipe.stem
     subprocess.run([sys.executable, "-m", "attnprune_opt.cli", "prune", "--recipe", str(recipe), "--output",
-                    str(out), "--quiet"], check=True, stdout=subprocess.DEVNULL)
+                    str(out), "--quiet", *(["--model", model] if model else [])], check=True,
+                   stdout=subprocess.DEVNULL)
     return out
 
 
@@ -95,9 +96,10 @@ def record(run: dict, result: dict, manifest: dict | None) -> dict:
     }
 
 
-def run_all(runs: list[dict], quick: bool, work: Path, tasks: tuple[str, ...] = TASKS) -> list[dict]:
-    tokenizer = load_tokenizer()
-    dense = load_model().eval()
+def run_all(runs: list[dict], quick: bool, work: Path, tasks: tuple[str, ...] = TASKS,
+            model: str | None = None) -> list[dict]:
+    tokenizer = load_tokenizer(*([model] if model else []))
+    dense = load_model(*([model] if model else [])).eval()
     options = dict(quick=quick, tasks=tasks, limit=50 if quick else 500, progress=False)
     records = []
     for run in runs:
@@ -105,7 +107,7 @@ def run_all(runs: list[dict], quick: bool, work: Path, tasks: tuple[str, ...] = 
         if run["recipe"] is None:
             result, manifest = evaluate(dense, tokenizer, **options), None
         else:
-            folder = prune(run, work)
+            folder = prune(run, work, model)
             manifest = read_manifest(folder).model_dump(mode="json")
             model = load_pruned_model(folder).eval()
             result = evaluate(model, tokenizer, dense_model=dense, **options)
@@ -226,16 +228,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="*", default=list(TASKS),
                         help=f"lm-eval tasks (default: {' '.join(TASKS)}; none: --tasks with no name)")
     parser.add_argument("--readme", action="store_true", help="regenerate README.md's results section")
+    parser.add_argument("--model", help="a model folder or .gguf file instead of SmolLM2-135M (README: other families)")
     args = parser.parse_args(argv)
+    if args.readme and args.model:
+        parser.error("--readme regenerates the SmolLM2 results; run another --model without it")
     check_output_dir(args.out, args.overwrite)
     runs = [r for r in configurations() if (not args.only or r["config"] in args.only)
             and (not args.methods or r["method"] in args.methods or r["config"] == "dense")]
     with tempfile.TemporaryDirectory(prefix="attnprune-bench-") as work:
-        records = run_all(runs, args.quick, Path(work), tuple(args.tasks))
+        records = run_all(runs, args.quick, Path(work), tuple(args.tasks), args.model)
     table = markdown(records)
     with atomic_output_dir(args.out, args.overwrite) as tmp:
         (tmp / "real_model.json").write_text(json.dumps(records, indent=1))
-        (tmp / "real_model.md").write_text(f"# SmolLM2-135M: the method against linear pruning\n\n{table}\n")
+        name = Path(args.model).name if args.model else "SmolLM2-135M"
+        (tmp / "real_model.md").write_text(f"# {name}: the method against linear pruning\n\n{table}\n")
         plot(records, tmp / "real_model.png")
     if args.readme:
         update_readme(records, sys.argv[1:] if argv is None else argv)

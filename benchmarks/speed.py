@@ -34,7 +34,7 @@ from attnprune_opt.atomic import atomic_output_dir, check_output_dir  # noqa: E4
 from attnprune_opt.config import PruneRule  # noqa: E402
 from attnprune_opt.methods.attention import AttentionSettings  # noqa: E402
 from attnprune_opt.core import softmax_loss_and_logit_grad  # noqa: E402
-from attnprune_opt.methods.attention import _input_statistics, _keep, _Layer, apply_mask, refit_config  # noqa: E402
+from attnprune_opt.methods.attention import _keep, _Layer, apply_mask, refit_config  # noqa: E402
 from tuning import LayerData, attention_error, baselines, capture  # noqa: E402
 
 SPARSITY = 0.5
@@ -62,7 +62,7 @@ def _timed(fn, repeats: int = 5) -> float:
 def _setup(data: LayerData) -> tuple[_Layer, dict, dict]:
     rules = {name: PruneRule(modules=(name,), method="attention", sparsity=SPARSITY) for name in TARGETS}
     layer = _Layer(data.weights, data.calibration, TARGETS, DEFAULTS.lam)
-    norms = _input_statistics(data.calibration, hessian=False).column_norms.float()
+    norms = layer.input_statistics(data.calibration, hessian=False).column_norms.float()
     keep = {n: _keep(layer.dense[n].abs() * norms, rules[n], DEFAULTS, layer.head_dim) for n in TARGETS}
     return layer, keep, {n: apply_mask(layer.dense[n], keep[n]) for n in TARGETS}
 
@@ -72,7 +72,7 @@ def parts(data: LayerData) -> dict[str, float]:
     layer, keep, pattern = _setup(data)
     rules = {name: PruneRule(modules=(name,), method="attention", sparsity=SPARSITY) for name in TARGETS}
     timings = {"capture": data.capture_seconds,
-               "pattern": _timed(lambda: {n: _keep(layer.dense[n].abs() * _input_statistics(
+               "pattern": _timed(lambda: {n: _keep(layer.dense[n].abs() * layer.input_statistics(
                    data.calibration, hessian=False).column_norms.float(), rules[n], DEFAULTS, layer.head_dim)
                    for n in TARGETS}),
                "error evaluation": _timed(lambda: layer.error(pattern), repeats=2)}

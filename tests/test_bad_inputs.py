@@ -89,7 +89,7 @@ def test_model_folder_problems(work, model_dir, capsys):
     config = json.loads((model_dir / "config.json").read_text())
     for model_type, message in (("no_such_arch", "model_type 'no_such_arch' is not known to transformers"),
                                 ("gpt2", "model_type 'gpt2' is not supported; supported: "
-                                         + ", ".join(supported_model_types()))):
+                                         f"{', '.join(supported_model_types())}")):
         (pickled / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
         fails(prune(work, pickled, path), f"{pickled / 'config.json'}: {message}", capsys, work)
     (pickled / "config.json").unlink()

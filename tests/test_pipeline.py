@@ -118,8 +118,10 @@ def test_config_round_trip_and_no_mutation():
 
 def test_unknown_architecture_is_named():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    assert {"llama", "mistral", "qwen2"} <= set(supported_model_types())
-    with pytest.raises(UnsupportedArchitectureError, match=f"'gpt2'.*{', '.join(supported_model_types())}$"):
+    supported = supported_model_types()
+    assert {"llama", "mistral", "qwen2"} <= set(supported) and list(supported) == sorted(supported)
+    message = f"model_type 'gpt2' is not supported; supported: {', '.join(supported)}$"
+    with pytest.raises(UnsupportedArchitectureError, match=message):
         AttentionPruner().prune_model(model, calibration=calibration())
 
 

@@ -130,6 +130,27 @@ class SampledBatch:
 
 
 @dataclass(frozen=True)
+class SequenceCatalog:
+    """Where the sequences of this objective sit among all calibration sequences, so that a sampled step draws the
+    same sample however the sequences are split across processes (attnprune_opt/distributed.py).
+
+    ``lengths``: every sequence's length in the canonical order (by length, then original position); ``local``: the
+    canonical index of each of this objective's sequences, in the order of its batches.
+    """
+
+    lengths: tuple[int, ...]
+    local: tuple[int, ...]
+
+    @classmethod
+    def of(cls, lengths: Sequence[int], mine: Sequence[int]) -> SequenceCatalog:
+        """From every sequence's length in original order and the original positions of this process's ones."""
+        canonical = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+        position = {original: c for c, original in enumerate(canonical)}
+        local = sorted((position[i] for i in mine))
+        return cls(tuple(lengths[i] for i in canonical), tuple(local))
+
+
+@dataclass(frozen=True)
 class RowSample:
     """The attention rows one stochastic step computes (every key of a chosen sequence stays)."""
 
@@ -249,12 +270,17 @@ class FactoredAttentionObjective:
         normalize: bool = True,
         chunk_size: int | None = None,
         optimize: Sequence[str] = ("q", "k"),
+        catalog: SequenceCatalog | None = None,
     ) -> None:
         if not optimize or set(optimize) - {"q", "k"} or len(set(optimize)) != len(optimize):
             raise ValueError(f"optimize must name 'q' and/or 'k' once each, got {list(optimize)}")
         self.batches = as_batches(x, chunk_size)
         self.q_weight, self.k_weight = q_weight, k_weight
         self.spec = spec
+        lengths = [b.shape[1] for b in self.batches for _ in range(b.shape[0])]
+        self.catalog = catalog or SequenceCatalog(tuple(lengths), tuple(range(len(lengths))))
+        if [self.catalog.lengths[c] for c in self.catalog.local] != lengths:
+            raise ValueError("the sequence catalog does not describe these batches")
         self.optimize = tuple(optimize)
         self.lam = lam
         self.targets = [self._forward(b, q_weight, k_weight).probs for b in self.batches]
@@ -271,18 +297,22 @@ class FactoredAttentionObjective:
         return _MultiheadForward(batch, q_weight, k_weight, self.spec, rows)
 
     def sample(self, row_fraction: float, sequence_fraction: float, generator: torch.Generator) -> RowSample:
-        """A random share of the calibration sequences (at least one), and in each chosen batch a random share of
-        the query rows (at least one), drawn without replacement."""
-        sequences = [(i, j) for i, batch in enumerate(self.batches) for j in range(batch.shape[0])]
-        count = max(1, round(sequence_fraction * len(sequences)))
-        chosen = sorted(sequences[c] for c in torch.randperm(len(sequences), generator=generator)[:count].tolist())
-        parts = []
-        for i in sorted({i for i, _ in chosen}):
-            seqs = torch.tensor([j for b, j in chosen if b == i])
-            n = self.batches[i].shape[1]
+        """A random share of all calibration sequences (at least one), and for each length among the chosen a
+        random share of the query rows (at least one), drawn without replacement; the parts that are this
+        objective's sequences. The draws depend on the catalog only, not on how sequences are split."""
+        lengths = self.catalog.lengths
+        count = max(1, round(sequence_fraction * len(lengths)))
+        chosen = set(torch.randperm(len(lengths), generator=generator)[:count].tolist())
+        rows = {}
+        for n in sorted({lengths[c] for c in chosen}):
             m = max(1, round(row_fraction * n))
-            rows = torch.randperm(n, generator=generator)[:m].sort().values
-            parts.append(SampledBatch(i, seqs, rows, len(sequences) / count * n / m))
+            rows[n] = torch.randperm(n, generator=generator)[:m].sort().values
+        parts, local = [], iter(self.catalog.local)
+        for i, batch in enumerate(self.batches):
+            seqs = [j for j in range(batch.shape[0]) if next(local) in chosen]
+            if seqs:
+                n = batch.shape[1]
+                parts.append(SampledBatch(i, torch.tensor(seqs), rows[n], len(lengths) / count * n / len(rows[n])))
         return RowSample(tuple(parts))
 
     def initial_params(self) -> Params:

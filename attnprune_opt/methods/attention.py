@@ -25,8 +25,9 @@ from ..core import (
     sparsegpt,
     topk_mask,
 )
-from ..core.objective import KeptWeightsObjective
+from ..core.objective import KeptWeightsObjective, SequenceCatalog
 from ..core.solver import AdamConfig, StepCallback, adam
+from ..distributed import SINGLE, World
 from .base import MethodSettings, PruningMethod, register_method
 from .magnitude import apply_mask
 from .sparsegpt import SparseGPTSettings
@@ -96,6 +97,7 @@ class AttentionInputs:
 
     xs: list[Tensor]
     spec: AttentionSpec
+    catalog: SequenceCatalog | None = None  # where xs sit among every rank's sequences (data-parallel runs)
 
     def batches(self) -> list[Tensor]:
         """Sequences of equal length stacked into one batch each (attention never crosses sequences)."""
@@ -130,39 +132,44 @@ class _Layer:
     """
 
     def __init__(self, weights: dict[str, Tensor], inputs: AttentionInputs, targets: tuple[str, ...],
-                 lam: float) -> None:
+                 lam: float, world: World = SINGLE) -> None:
         self.targets = targets  # "q_proj" and/or "k_proj"
         self.dense = {name: weights[name].to(SOLVE_DTYPE) for name in ("q_proj", "k_proj")}
         self.batches = inputs.batches()
+        self.catalog = inputs.catalog
         self.spec = inputs.spec.to(SOLVE_DTYPE)
         self.head_dim = self.spec.head_dim
         self.kv_heads = self.dense["k_proj"].shape[0] // self.head_dim
         self.lam = lam
+        self.world = world
+        rows = sum(b.shape[0] * b.shape[1] for b in self.batches)
+        self.share = rows / world.total(rows)  # of the calibration rows, on this rank
         self.objective = self._objective(slice(None), slice(None))
 
     def _objective(self, q_rows: slice, k_rows: slice) -> FactoredAttentionObjective:
         spec = self.spec if q_rows == slice(None) else self.spec.group_rows(q_rows, k_rows)
         return FactoredAttentionObjective(
             self.batches, self.dense["q_proj"][q_rows], self.dense["k_proj"][k_rows], spec, lam=self.lam,
-            optimize=tuple(name[0] for name in self.targets))
+            optimize=tuple(name[0] for name in self.targets), catalog=self.catalog)
 
     def error(self, weights: dict[str, Tensor]) -> float:
         """Relative attention error of the layer with these q/k weights (dense where not given)."""
         full = {**self.dense, **{name: w.to(SOLVE_DTYPE) for name, w in weights.items()}}
-        return self.objective.squared_error(full["q_proj"], full["k_proj"]) / self.objective.target_energy
+        squared_error = self.objective.squared_error(full["q_proj"], full["k_proj"])
+        return self.world.total(squared_error) / self.world.total(self.objective.target_energy)
 
     def descent(self, solver: SolverConfig) -> tuple[dict[str, Tensor], int]:
         """Algorithm 1 per KV group (all heads at once when a norm couples them): the relaxed masks M_T assembled
         over the whole matrices."""
         if not self.spec.heads_separate:
-            result = solve(self.objective, solver)
+            result = solve(self._reduced(self.objective), solver)
             return dict(zip(self.targets, result.masks)), result.iterations
         relaxed = {name: torch.ones_like(self.dense[name]) for name in self.targets}
         head_dim = self.head_dim
         iterations, q_rows = 0, self.dense["q_proj"].shape[0] // self.kv_heads
         for g in range(self.kv_heads):
             rows = {"q_proj": slice(g * q_rows, (g + 1) * q_rows), "k_proj": slice(g * head_dim, (g + 1) * head_dim)}
-            result = solve(self._objective(rows["q_proj"], rows["k_proj"]), solver)
+            result = solve(self._reduced(self._objective(rows["q_proj"], rows["k_proj"])), solver)
             for name, mask in zip(self.targets, result.masks):
                 relaxed[name][rows[name]] = mask
             iterations = max(iterations, result.iterations)
@@ -172,8 +179,22 @@ class _Layer:
               callback: StepCallback | None = None) -> tuple[dict[str, Tensor], list[float]]:
         """Adam on the kept entries against the attention loss; pruned entries stay exactly zero."""
         kept = self.kept_objective(start, keep)
-        result = adam(kept, config, tuple(_rms(self.dense[name]) for name in self.targets), callback)
+        result = adam(self._reduced(kept), config, tuple(_rms(self.dense[name]) for name in self.targets), callback)
         return self.fitted(kept, result.masks, keep), result.loss_history
+
+    def _reduced(self, objective):
+        """The objective over every rank's sequences (itself in a single process)."""
+        return objective if self.world.size == 1 else _RankSum(objective, self.world, self.share)
+
+    def input_statistics(self, inputs: AttentionInputs, hessian: bool) -> InputStatistics:
+        """Statistics of the attention inputs of every rank."""
+        stats = InputStatistics(inputs.xs[0].shape[-1], hessian=hessian)
+        for x in inputs.xs:
+            stats.update(x)
+        for tensor in (stats.hessian, stats.squared_norms):
+            if tensor is not None:
+                self.world.sum(tensor)
+        return stats
 
     def kept_objective(self, start: dict[str, Tensor], keep: dict[str, Tensor]) -> KeptWeightsObjective:
         return KeptWeightsObjective(self.objective, keep={name[0]: keep[name] for name in self.targets},
@@ -200,6 +221,7 @@ def prune_attention(
     settings: AttentionSettings,
     sparsegpt_settings: SparseGPTSettings = SparseGPTSettings(),
     seed: int = 0,
+    world: World = SINGLE,
 ) -> AttentionResult:
     """The method on one layer's q_proj/k_proj: choose the pattern (``settings.mask``), then refit the kept
     weights to the non-linear attention objective (``settings.refit_*``; ``seed`` draws the sampled rows).
@@ -209,7 +231,7 @@ def prune_attention(
     """
     start_time = time.perf_counter()
     targets = tuple(name for name in ("q_proj", "k_proj") if name in rules)
-    layer = _Layer(weights, inputs, targets, settings.lam)
+    layer = _Layer(weights, inputs, targets, settings.lam, world)
     descent_iterations = 0
 
     def keep_top(scores: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -219,10 +241,10 @@ def prune_attention(
     if settings.mask == "magnitude":
         keep = keep_top({name: layer.dense[name].abs() for name in targets})
     elif settings.mask == "wanda":
-        norms = _input_statistics(inputs, hessian=False).column_norms.to(SOLVE_DTYPE)
+        norms = layer.input_statistics(inputs, hessian=False).column_norms.to(SOLVE_DTYPE)
         keep = keep_top({name: layer.dense[name].abs() * norms for name in targets})
     elif settings.mask == "sparsegpt":  # its pattern, and its updated weights as the refit's start
-        hessian = _input_statistics(inputs, hessian=True).hessian
+        hessian = layer.input_statistics(inputs, hessian=True).hessian
         solved = {name: sparsegpt(layer.dense[name], hessian, rules[name].sparsity, n_m=rules[name].n_m,
                                   group="row" if settings.group == "row" else "matrix",
                                   blocksize=sparsegpt_settings.blocksize, percdamp=sparsegpt_settings.percdamp)
@@ -256,12 +278,29 @@ def _keep(scores: Tensor, rule: PruneRule, settings: AttentionSettings, head_dim
     return topk_mask(scores, rule.sparsity, settings.group, rows_per_group=head_dim)
 
 
-def _input_statistics(inputs: AttentionInputs, hessian: bool) -> InputStatistics:
-    stats = InputStatistics(inputs.xs[0].shape[-1], hessian=hessian)
-    for x in inputs.xs:
-        stats.update(x)
-    return stats
-
-
 def _rms(t: Tensor) -> float:
     return float(t.pow(2).mean().sqrt()) or 1.0
+
+
+class _RankSum:
+    """An objective summed over ranks: each rank's loss and gradient (normalised over its own rows) are weighted by
+    its share of all rows and all-reduced, which is the objective normalised over every rank's rows. Sampled steps
+    stay unbiased: each rank's estimate is unbiased for its own part."""
+
+    def __init__(self, objective, world: World, share: float) -> None:
+        self.objective, self.world, self.share = objective, world, share
+
+    def initial_params(self) -> tuple[Tensor, ...]:
+        return self.objective.initial_params()
+
+    def sample(self, row_fraction: float, sequence_fraction: float, generator: torch.Generator):
+        return self.objective.sample(row_fraction, sequence_fraction, generator)
+
+    def loss(self, params: tuple[Tensor, ...]) -> float:
+        return self.world.total(self.share * self.objective.loss(params))
+
+    def loss_and_grad(self, params: tuple[Tensor, ...], sample=None) -> tuple[float, tuple[Tensor, ...]]:
+        args = (params,) if sample is None else (params, sample)
+        value, grads = self.objective.loss_and_grad(*args)
+        return (self.world.total(self.share * value),
+                tuple(self.world.sum(self.share * grad) for grad in grads))

@@ -23,6 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import PrunerConfig, PruneRule
+from ..core.objective import SequenceCatalog
+from ..distributed import SINGLE, World
 from ..errors import CalibrationDataError, ConfigError, NonFiniteWeightsError
 from ..methods.attention import AttentionInputs, AttentionResult, prune_attention
 from ..methods.base import method
@@ -121,8 +123,12 @@ def prune_layers(
     config: PrunerConfig,
     progress: bool = True,
     on_layer: Callable[[LayerReport], None] | None = None,
+    world: World = SINGLE,
+    catalog: SequenceCatalog | None = None,
 ) -> list[LayerReport]:
-    """Prune the configured layers in order; returns one report per pruned layer."""
+    """Prune the configured layers in order; returns one report per pruned layer. Under torchrun ``inputs`` are this
+    rank's calibration sequences, ``world`` sums over ranks and ``catalog`` places them among all ranks' sequences
+    (attnprune_opt/distributed.py)."""
     if not inputs:
         raise CalibrationDataError("no calibration sequences reached the first decoder layer")
     layers = adapter.layers(model)
@@ -134,7 +140,7 @@ def prune_layers(
         if index not in indices:
             inputs = run_layer(layer, inputs)
             continue
-        report, dense_outputs = _prune_layer(adapter, index, layer, inputs, config)
+        report, dense_outputs = _prune_layer(adapter, index, layer, inputs, config, world, catalog)
         inputs = dense_outputs if config.propagate == "dense" else run_layer(layer, inputs)
         report.peak_rss_mb = peak_rss_mb()
         reports.append(report)
@@ -146,7 +152,8 @@ def prune_layers(
 
 
 def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: list[LayerInput],
-                 config: PrunerConfig) -> tuple[LayerReport, list[LayerInput]]:
+                 config: PrunerConfig, world: World,
+                 catalog: SequenceCatalog | None) -> tuple[LayerReport, list[LayerInput]]:
     start = time.perf_counter()
     targets = {p: rule for p in adapter.prunables(index) if (rule := config.rule_for(p.role)) is not None}
     attention_rules = {p.role: r for p, r in targets.items() if method(r.method).joint}
@@ -164,18 +171,25 @@ def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: 
         dense_outputs = run_layer(layer, inputs)
     if not check_finite([o.hidden for o in dense_outputs]):
         raise NonFiniteWeightsError(f"layer {index} produced NaN or infinite activations on the calibration data")
+    for stats in recorded.stats.values():
+        for tensor in (stats.hessian, stats.squared_norms):
+            if tensor is not None:
+                world.sum(tensor)
+        stats.tokens = int(world.total(stats.tokens))
 
     report = LayerReport(index)
     pruned: dict[Prunable, torch.Tensor] = {}
     if attention_rules:
         result = _prune_attention_modules(adapter, index, layer, recorded.tensors[keep[0]], inputs,
-                                          attention_rules, config)
+                                          attention_rules, config, world, catalog)
         report.attention = AttentionReport(result.error_mask, result.error_final, result.descent_iterations,
                                            result.refit_kept, result.seconds)
         pruned.update({adapter.prunable(index, role): weight for role, weight in result.weights.items()})
-    for prunable, rule in targets.items():
-        if prunable.role in attention_rules:
-            continue
+    for prunable, weight in pruned.items():  # every rank computed these from the same sums; rank 0's are kept
+        pruned[prunable] = world.broadcast(weight.contiguous())
+    linear = [(p, rule) for p, rule in targets.items() if p.role not in attention_rules]
+    for i, (prunable, rule) in enumerate(linear):
+        weight = read_matrix(layer, prunable)
         chosen = method(rule.method)
         stats = recorded.stats.get(adapter.input_key(prunable))
         if stats is not None and stats.tokens == 0:
@@ -184,7 +198,10 @@ def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: 
                            adapter.layer_prefix(index), prunable.label)
             report.uncalibrated.append(prunable.label)
             chosen = method("magnitude")
-        pruned[prunable] = chosen.prune_matrix(read_matrix(layer, prunable), rule, stats, config)
+        owner = i % world.size  # the matrices are shared out between ranks
+        if world.rank == owner:
+            weight = chosen.prune_matrix(weight, rule, stats, config).to(weight.dtype)
+        pruned[prunable] = world.broadcast(weight.contiguous(), owner)
     write_matrices(layer, pruned)
     for prunable, rule in targets.items():
         measured = _measure(read_matrix(layer, prunable), rule)
@@ -200,14 +217,15 @@ def layer_seed(seed: int, index: int) -> int:
 
 def _prune_attention_modules(adapter: DecoderAdapter, index: int, layer: nn.Module, xs: list[torch.Tensor],
                              inputs: list[LayerInput], rules: dict[str, PruneRule],
-                             config: PrunerConfig) -> AttentionResult:
+                             config: PrunerConfig, world: World,
+                             catalog: SequenceCatalog | None) -> AttentionResult:
     if not check_finite(xs):
         raise NonFiniteWeightsError("attention inputs contain NaN or infinity")
     longest = max(range(len(inputs)), key=lambda i: inputs[i].hidden.shape[1])
     spec = adapter.attention_spec(layer, index, inputs[longest].kwargs)
     weights = {role: read_matrix(layer, adapter.prunable(index, role)) for role in ATTENTION_ROLES}
-    return prune_attention(weights, AttentionInputs(xs, spec), rules, config.attention, config.sparsegpt,
-                           seed=layer_seed(config.seed, index))
+    return prune_attention(weights, AttentionInputs(xs, spec, catalog), rules, config.attention, config.sparsegpt,
+                           seed=layer_seed(config.seed, index), world=world)
 
 
 def _measure(weight: torch.Tensor, rule: PruneRule) -> ModuleReport:

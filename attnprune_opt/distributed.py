@@ -1,0 +1,115 @@
+"""Data-parallel pruning under torchrun: the calibration sequences are split across ranks and every sum over them
+(input statistics, the attention loss and its gradient, the attention error) is all-reduced, so each rank computes
+the same pruned q/k; the per-matrix methods' matrices are shared out (each rank prunes every N-th and broadcasts
+it); rank 0 alone writes the output.
+
+A single process (no torchrun, no process group) uses :data:`SINGLE`, whose operations do nothing: torch.distributed
+is imported only when a launcher set ``WORLD_SIZE`` > 1 or the caller initialised a process group itself.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from torch import Tensor
+
+from .core.objective import SequenceCatalog
+from .errors import ConfigError, DistributedError
+
+T = TypeVar("T")
+#: How long a rank waits for the others in a collective before the run fails (seconds; ATTNPRUNE_DIST_TIMEOUT).
+DEFAULT_TIMEOUT = 600
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks; with ``size`` 1 every operation is the identity."""
+
+    rank: int = 0
+    size: int = 1
+    sent: dict[str, int] = field(default_factory=dict, compare=False)  # bytes passed to each kind of collective
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: Sequence[T]) -> list[T]:
+        """This rank's share of ``items`` (every size-th item from its rank), never empty."""
+        if len(items) < self.size:
+            raise ConfigError(f"{len(items)} calibration sequences cannot be shared by {self.size} ranks; use at least "
+                              f"as many sequences as ranks")
+        return list(items[self.rank::self.size])
+
+    def catalog(self, lengths: Sequence[int]) -> SequenceCatalog | None:
+        """Where this rank's share of sequences of these ``lengths`` sits among all (None in a single process)."""
+        return None if self.size == 1 else SequenceCatalog.of(lengths, range(self.rank, len(lengths), self.size))
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """The sum of ``tensor`` over ranks (in place, and returned)."""
+        if self.size > 1:
+            import torch.distributed as dist
+
+            self._collective("all_reduce", lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM), tensor)
+        return tensor
+
+    def total(self, value: float) -> float:
+        """The sum of a number over ranks."""
+        if self.size == 1:
+            return value
+        import torch
+
+        return float(self.sum(torch.tensor([value], dtype=torch.float64)))
+
+    def broadcast(self, tensor: Tensor, source: int = 0) -> Tensor:
+        """Rank ``source``'s ``tensor`` on every rank (in place, and returned)."""
+        if self.size > 1:
+            import torch.distributed as dist
+
+            self._collective("broadcast", lambda: dist.broadcast(tensor, src=source), tensor)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            self._collective("barrier", dist.barrier)
+
+    def _collective(self, name: str, run, tensor: Tensor | None = None) -> None:
+        """Run a collective; a lost or stuck peer becomes one :class:`DistributedError` on every surviving rank."""
+        if tensor is not None:
+            self.sent[name] = self.sent.get(name, 0) + tensor.numel() * tensor.element_size()
+        try:
+            run()
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DistributedError(f"rank {self.rank} of {self.size}: {name} with the other ranks failed "
+                                   f"({reason}); another rank stopped or did not answer within the timeout "
+                                   f"(ATTNPRUNE_DIST_TIMEOUT); no output was written") from None
+
+
+SINGLE = World()
+
+
+def current_world() -> World:
+    """The process group's world if one is initialised; else, under torchrun (WORLD_SIZE > 1), a gloo group is
+    initialised here with the timeout of ATTNPRUNE_DIST_TIMEOUT; else :data:`SINGLE`."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        import sys
+
+        if "torch.distributed" not in sys.modules:
+            return SINGLE
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return SINGLE
+    if not dist.is_initialized():
+        if size <= 1:
+            return SINGLE
+        timeout = datetime.timedelta(seconds=float(os.environ.get("ATTNPRUNE_DIST_TIMEOUT", DEFAULT_TIMEOUT)))
+        dist.init_process_group(backend=os.environ.get("ATTNPRUNE_DIST_BACKEND", "gloo"), timeout=timeout)
+    return World(dist.get_rank(), dist.get_world_size())

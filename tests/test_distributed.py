@@ -1,0 +1,54 @@
+"""Data-parallel pruning under torchrun (gloo, 2 processes) against a single process, and a rank that dies."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from attnprune_opt import load_pruned_model
+
+HERE = Path(__file__).parent
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def run(out: Path, *extra: str, ranks: int | None = None) -> subprocess.CompletedProcess:
+    script = [str(HERE / "distributed_prune.py"), str(out), "dense", *extra]
+    command = ([str(TORCHRUN), "--standalone", "--nproc-per-node", str(ranks)] if ranks else
+               [sys.executable]) + script
+    env = {**os.environ, "ATTNPRUNE_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    return subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "out"
+    assert run(out).returncode == 0
+    return out
+
+
+def test_two_ranks_give_the_single_process_weights(single, tmp_path):
+    out = tmp_path / "out"
+    result = run(out, ranks=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, two = load_file(single / "model.safetensors"), load_file(out / "model.safetensors")
+    assert one.keys() == two.keys()
+    for name in one:  # summation order differs between 1 and 2 processes; nothing else may
+        assert torch.equal(one[name] == 0, two[name] == 0), name
+        assert torch.allclose(one[name], two[name], rtol=1e-5, atol=1e-6), name
+    manifest = json.loads((out / "attnprune_manifest.json").read_text())
+    assert manifest["report"]["world_size"] == 2
+    assert json.loads((single / "attnprune_manifest.json").read_text())["report"]["world_size"] == 1
+    load_pruned_model(out)  # verified against its manifest
+
+
+def test_a_rank_that_dies_stops_the_others_and_nothing_is_written(tmp_path):
+    out = tmp_path / "out"
+    result = run(out, "1", ranks=2)
+    assert result.returncode != 0
+    assert "DistributedError: rank 0 of 2: all_reduce with the other ranks failed" in result.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
