@@ -23,11 +23,6 @@ def tiny_model(kind: str = "llama", seed: int = 0, layers: int = 2, vocab_size_o
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                            tie_word_embeddings=False, **overrides)
     config._attn_implementation = "eager"
-    return random_model(config, seed)
-
-
-def random_model(config, seed: int = 0):
-    """The model of ``config`` with random weights, q/k scaled up so that attention is far from uniform."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():

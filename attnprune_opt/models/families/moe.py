@@ -12,17 +12,16 @@ before RoPE. Qwen2-MoE's shared expert, which every token passes through, is pru
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import ClassVar
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ...core import AttentionSpec, RMSNormSpec
 from ..base import DecoderAdapter, Prunable
 from ..offload import onloaded
 from ..registry import register
 from .llama import LLAMA_MODULES
+from .qwen3 import QKNormAdapter
 
 EXPERTS = "mlp.experts"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -98,13 +97,8 @@ class QwenMoeAdapter(StackedExpertsAdapter):
 
 
 @register
-class Qwen3MoeAdapter(QwenMoeAdapter):
+class Qwen3MoeAdapter(QKNormAdapter, QwenMoeAdapter):
     model_types = ("qwen3_moe",)
-
-    def attention_spec(self, layer: nn.Module, index: int, layer_kwargs: dict) -> AttentionSpec:
-        attention = self.attention_module(layer)
-        return replace(super().attention_spec(layer, index, layer_kwargs), q_norm=per_head_norm(attention.q_norm),
-                       k_norm=per_head_norm(attention.k_norm))
 
 
 @register
@@ -124,9 +118,3 @@ class MixtralAdapter(StackedExpertsAdapter):
     num_experts_key = "num_local_experts"
     expert_size_key = "intermediate_size"
 
-
-def per_head_norm(norm: nn.Module) -> RMSNormSpec:
-    """The spec of a Qwen3-style RMSNorm over each head's values (weight multiplies the normalised values)."""
-    with onloaded(norm):
-        weight = norm.weight.detach().clone()
-    return RMSNormSpec(weight=weight, eps=float(norm.variance_epsilon), per_head=True)
