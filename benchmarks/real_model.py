@@ -1,7 +1,8 @@
 """The method against Wanda, SparseGPT and magnitude pruning on a real model (SmolLM2-135M), at equal sparsity.
 
 Configurations: dense; q/k at 50% and at 70%; q/k at 2:4 (each with the method, Wanda, SparseGPT, magnitude); the
-whole model at 50% (the method on q/k with SparseGPT elsewhere, against SparseGPT and Wanda everywhere).
+whole model at 50%, 70% and 2:4 (the whole-layer method with the packaged smollm2_whole*_layer recipes' settings,
+against SparseGPT and Wanda everywhere).
 Calibration: C4 rows 0-7 x 512 tokens (the standard protocol). Each pruning runs in its own process through the
 CLI, so its wall time and peak RSS are its own; its output folder is then evaluated here against the dense model:
 WikiText-2 and C4 perplexity, the attention error (C4 rows 1000-1007, 256 tokens, from the dense model's layer
@@ -10,7 +11,7 @@ first 32 C4 documents) and 50 examples per task; the full run: all windows, 128 
 
 Writes real_model.json (one record per configuration), real_model.md and real_model.png into --out.
 Usage: python benchmarks/real_model.py [--quick] --out DIR [--overwrite] [--only CONFIG ...] [--methods METHOD ...]
-       [--tasks [TASK ...]] [--readme] [--model PATH]
+       [--tasks [TASK ...]] [--limit N] [--readme SECTION] [--model PATH]
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from attnprune_opt.atomic import atomic_output_dir, check_output_dir
 from attnprune_opt.evaluation.runner import evaluate
 from attnprune_opt.export.load import load_pruned_model, read_manifest
 from attnprune_opt.models.loading import load_model, load_tokenizer
+from attnprune_opt.recipes import recipe_path
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = ("arc_easy", "piqa")
@@ -36,7 +38,10 @@ QK = ["q_proj", "k_proj"]
 REST = ["v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALL = QK + REST
 CALIBRATION = {"source": "c4", "num_samples": 8, "seq_len": 512}
-METHOD_COLORS = {"attention": "C0", "attention+sparsegpt": "C0", "wanda": "C1", "sparsegpt": "C2", "magnitude": "C3"}
+METHOD_COLORS = {"attention": "C0", "layer": "C0", "wanda": "C1", "sparsegpt": "C2", "magnitude": "C3"}
+WHOLE = (("whole50", 0.5, "unstructured"), ("whole70", 0.7, "unstructured"), ("whole_2of4", None, "2:4"))
+#: issue 10's targets: the whole-layer method's perplexity over the better baseline's
+WHOLE_TARGETS = {"whole50": 0.85, "whole70": 0.75, "whole_2of4": 0.75}
 
 
 def _rule(modules: list[str], method: str, sparsity: float | None, structure: str) -> dict:
@@ -54,13 +59,14 @@ def configurations() -> list[dict]:
             runs.append({"config": name, "method": method, "targets": "q_proj,k_proj",
                          "sparsity": sparsity or 0.5, "structure": structure,
                          "recipe": {"rules": [_rule(QK, method, sparsity, structure)]}})
-    whole = [("attention+sparsegpt", [_rule(QK, "attention", 0.5, "unstructured"),
-                                      _rule(REST, "sparsegpt", 0.5, "unstructured")]),
-             ("sparsegpt", [_rule(ALL, "sparsegpt", 0.5, "unstructured")]),
-             ("wanda", [_rule(ALL, "wanda", 0.5, "unstructured")])]
-    for method, rules in whole:
-        runs.append({"config": "whole50", "method": method, "targets": "all linears", "sparsity": 0.5,
-                     "structure": "unstructured", "recipe": {"rules": rules}})
+    for name, sparsity, structure in WHOLE:
+        # the method's settings are the packaged recipe's, so the benchmark measures what users run
+        layer = yaml.safe_load(recipe_path(f"smollm2_{name}_layer").read_text())
+        for method in ("layer", "wanda", "sparsegpt"):
+            recipe = {"rules": [_rule(ALL, method, sparsity, structure)],
+                      **({"layer": layer["layer"]} if method == "layer" else {})}
+            runs.append({"config": name, "method": method, "targets": "all linears", "sparsity": sparsity or 0.5,
+                         "structure": structure, "recipe": recipe})
     for run in runs:
         if run["recipe"] is not None:
             run["recipe"] = {**run["recipe"], "calibration": CALIBRATION, "seed": 0}
@@ -87,6 +93,7 @@ def record(run: dict, result: dict, manifest: dict | None) -> dict:
         "c4_ppl": result["perplexity"]["c4"]["perplexity"],
         "attention_error": (result["attention_error"] or {"mean": 0.0})["mean"],
         "lm_eval": {task: values.get("acc") for task, values in result["tasks"].items()},
+        "lm_eval_stderr": {task: values.get("acc_stderr") for task, values in result["tasks"].items()},
         "prune_seconds": report.get("seconds"),
         "prune_cpu_seconds": report.get("cpu_seconds"),
         "peak_rss_mb": report.get("peak_rss_mb"),
@@ -97,10 +104,10 @@ def record(run: dict, result: dict, manifest: dict | None) -> dict:
 
 
 def run_all(runs: list[dict], quick: bool, work: Path, tasks: tuple[str, ...] = TASKS,
-            model: str | None = None) -> list[dict]:
+            model: str | None = None, limit: int | None = None) -> list[dict]:
     tokenizer = load_tokenizer(*([model] if model else []))
     dense = load_model(*([model] if model else [])).eval()
-    options = dict(quick=quick, tasks=tasks, limit=50 if quick else 500, progress=False)
+    options = dict(quick=quick, tasks=tasks, limit=limit or (50 if quick else 500), progress=False)
     records = []
     for run in runs:
         start = time.perf_counter()
@@ -126,7 +133,7 @@ def markdown(records: list[dict]) -> str:
              + "".join(f"{t} acc | " for t in tasks) + "prune s | prune CPU s | peak RSS MB |",
              "|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|"]
     for r in records:
-        accuracies = "".join(f"{r['lm_eval'].get(t, float('nan')):.3f} | " for t in tasks)
+        accuracies = "".join(_accuracy(r, t) for t in tasks)
         seconds = f"{r['prune_seconds']:.0f}" if r["prune_seconds"] is not None else "–"
         cpu = f"{r['prune_cpu_seconds']:.0f}" if r.get("prune_cpu_seconds") is not None else "–"
         rss = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "–"
@@ -138,11 +145,18 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _accuracy(record: dict, task: str) -> str:
+    acc, stderr = record["lm_eval"].get(task), record.get("lm_eval_stderr", {}).get(task)
+    if acc is None:
+        return "– | "
+    return f"{acc:.3f} ± {stderr:.3f} | " if stderr is not None else f"{acc:.3f} | "
+
+
 def _ratios(records: list[dict], dense: dict) -> str:
     """The issue's targets, as ratios measured in this run."""
     out = ["| config | attention error ÷ best baseline | ppl increase ÷ best baseline's (WikiText-2, C4) | "
            "prune time ÷ SparseGPT's (wall, CPU) |", "|---|---|---|---|"]
-    for config in dict.fromkeys(r["config"] for r in records if r["config"] not in ("dense", "whole50")):
+    for config in dict.fromkeys(r["config"] for r in records if r["config"] not in ("dense", *WHOLE_TARGETS)):
         group = {r["method"]: r for r in records if r["config"] == config}
         ours = group.get("attention")
         baselines = [group[m] for m in ("wanda", "sparsegpt") if m in group]
@@ -155,14 +169,17 @@ def _ratios(records: list[dict], dense: dict) -> str:
             increases.append(f"{(ours[key] - dense[key]) / best:.2f}" if best > 0 else "–")
         time_ratio = _time_ratio(ours, group["sparsegpt"]) if "sparsegpt" in group else "–"
         out.append(f"| {config} | {ours['attention_error'] / best_err:.2f} | {', '.join(increases)} | {time_ratio} |")
-    whole = {r["method"]: r for r in records if r["config"] == "whole50"}
-    if "attention+sparsegpt" in whole and "sparsegpt" in whole:
-        ours, sgpt = whole["attention+sparsegpt"], whole["sparsegpt"]
-        out.append(f"| whole50 | {ours['attention_error'] / sgpt['attention_error']:.2f} (vs SparseGPT) | "
-                   f"WikiText-2 {ours['wikitext2_ppl']:.2f} vs {sgpt['wikitext2_ppl']:.2f}, "
-                   f"C4 {ours['c4_ppl']:.2f} vs {sgpt['c4_ppl']:.2f} | "
-                   f"{_time_ratio(ours, sgpt)} |")
-    return "\n".join(out)
+    whole = ["", "| config | perplexity ÷ the better baseline's (WikiText-2, C4) | target | "
+                 "prune time ÷ SparseGPT's (wall, CPU) | target |", "|---|---|---|---|---|"]
+    for config, target in WHOLE_TARGETS.items():
+        group = {r["method"]: r for r in records if r["config"] == config}
+        if not {"layer", "wanda", "sparsegpt"} <= set(group):
+            continue
+        ours = group["layer"]
+        ratios = [ours[key] / min(group["wanda"][key], group["sparsegpt"][key]) for key in ("wikitext2_ppl", "c4_ppl")]
+        whole.append(f"| {config} | {', '.join(f'{r:.3f}' for r in ratios)} | ≤ {target} | "
+                     f"{_time_ratio(ours, group['sparsegpt'])} | ≤ 3 |")
+    return "\n".join(out + (whole if len(whole) > 4 else []))
 
 
 def _time_ratio(ours: dict, baseline: dict) -> str:
@@ -202,13 +219,16 @@ def plot(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+def readme_markers(section: str) -> tuple[str, str]:
+    """The README's markers around a generated section: ``results`` (q/k rows) or ``whole`` (whole-model rows)."""
+    return f"<!-- {section}:start -->", f"<!-- {section}:end -->"
 
 
-def update_readme(records: list[dict], arguments: list[str]) -> None:
-    """Regenerate README.md's results section from this run's records, naming the command that produced them."""
+def update_readme(records: list[dict], arguments: list[str], section: str) -> None:
+    """Regenerate a results section of README.md from this run's records, naming the command that produced them."""
     readme = REPO / "README.md"
     text = readme.read_text()
+    README_START, README_END = readme_markers(section)
     if README_START not in text or README_END not in text:
         raise SystemExit(f"README.md lacks the {README_START} ... {README_END} markers")
     body = (f"Generated by `python benchmarks/real_model.py {' '.join(arguments)}` "
@@ -227,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", help="run only these methods (dense always runs when selected)")
     parser.add_argument("--tasks", nargs="*", default=list(TASKS),
                         help=f"lm-eval tasks (default: {' '.join(TASKS)}; none: --tasks with no name)")
-    parser.add_argument("--readme", action="store_true", help="regenerate README.md's results section")
+    parser.add_argument("--readme", metavar="SECTION", choices=("results", "whole"),
+                        help="regenerate this section of README.md (results: q/k rows; whole: whole-model rows)")
+    parser.add_argument("--limit", type=int, help="lm-eval documents per task (default 50 with --quick, else 500)")
     parser.add_argument("--model", help="a model folder or .gguf file instead of SmolLM2-135M (README: other families)")
     args = parser.parse_args(argv)
     if args.readme and args.model:
@@ -236,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [r for r in configurations() if (not args.only or r["config"] in args.only)
             and (not args.methods or r["method"] in args.methods or r["config"] == "dense")]
     with tempfile.TemporaryDirectory(prefix="attnprune-bench-") as work:
-        records = run_all(runs, args.quick, Path(work), tuple(args.tasks), args.model)
+        records = run_all(runs, args.quick, Path(work), tuple(args.tasks), args.model, args.limit)
     table = markdown(records)
     with atomic_output_dir(args.out, args.overwrite) as tmp:
         (tmp / "real_model.json").write_text(json.dumps(records, indent=1))
@@ -244,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / "real_model.md").write_text(f"# {name}: the method against linear pruning\n\n{table}\n")
         plot(records, tmp / "real_model.png")
     if args.readme:
-        update_readme(records, sys.argv[1:] if argv is None else argv)
+        update_readme(records, sys.argv[1:] if argv is None else argv, args.readme)
     print(table)
     return 0
 

@@ -142,6 +142,12 @@ class SequenceCatalog:
     local: tuple[int, ...]
 
     @classmethod
+    def of_batches(cls, batches: Sequence[Tensor]) -> SequenceCatalog:
+        """The catalog of one process holding every sequence: these batches, in order."""
+        lengths = tuple(b.shape[1] for b in batches for _ in range(b.shape[0]))
+        return cls(lengths, tuple(range(len(lengths))))
+
+    @classmethod
     def of(cls, lengths: Sequence[int], mine: Sequence[int]) -> SequenceCatalog:
         """From every sequence's length in original order and the original positions of this process's ones."""
         canonical = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
@@ -155,6 +161,44 @@ class RowSample:
     """The attention rows one stochastic step computes (every key of a chosen sequence stays)."""
 
     parts: tuple[SampledBatch, ...]
+
+
+def sample_rows(batches: Sequence[Tensor], row_fraction: float, sequence_fraction: float,
+                generator: torch.Generator, catalog: SequenceCatalog | None = None) -> RowSample:
+    """A random share of all sequences of the ``catalog`` (default: those of ``batches``; at least one), and for
+    each length among the chosen a random share of the rows (positions, at least one), drawn without replacement;
+    the parts that are ``batches``' sequences, each weighted by (sequences / chosen) x (n / m) so that sums over
+    the sample are unbiased estimates of sums over every row."""
+    catalog = catalog or SequenceCatalog.of_batches(batches)
+    lengths = catalog.lengths
+    count = max(1, round(sequence_fraction * len(lengths)))
+    chosen = set(torch.randperm(len(lengths), generator=generator)[:count].tolist())
+    rows = {}
+    for n in sorted({lengths[c] for c in chosen}):
+        m = max(1, round(row_fraction * n))
+        rows[n] = torch.randperm(n, generator=generator)[:m].sort().values
+    parts, local = [], iter(catalog.local)
+    for i, batch in enumerate(batches):
+        seqs = [j for j in range(batch.shape[0]) if next(local) in chosen]
+        if seqs:
+            n = batch.shape[1]
+            parts.append(SampledBatch(i, torch.tensor(seqs), rows[n], len(lengths) / count * n / len(rows[n])))
+    return RowSample(tuple(parts))
+
+
+def sample_parts(sample: RowSample | None, batch_count: int) -> tuple[SampledBatch, ...]:
+    """The parts a step computes: the sample's, or every row of every batch at weight 1."""
+    if sample is not None:
+        return sample.parts
+    return tuple(SampledBatch(i, None, None, 1.0) for i in range(batch_count))
+
+
+def select_rows(t: Tensor, part: SampledBatch, row_dim: int | None) -> Tensor:
+    """The part's sequences (dim 0) of ``t`` and, along ``row_dim`` (None: keep all, e.g. keys), its rows; rows
+    are taken first so the unsampled rows of a large tensor are never copied."""
+    if part.rows is not None and row_dim is not None:
+        t = t.index_select(row_dim, part.rows)
+    return t if part.sequences is None else t[part.sequences]
 
 
 def multihead_attention_probs(x: Tensor, q_weight: Tensor, k_weight: Tensor, spec: AttentionSpec) -> Tensor:
@@ -277,8 +321,8 @@ class FactoredAttentionObjective:
         self.batches = as_batches(x, chunk_size)
         self.q_weight, self.k_weight = q_weight, k_weight
         self.spec = spec
+        self.catalog = catalog or SequenceCatalog.of_batches(self.batches)
         lengths = [b.shape[1] for b in self.batches for _ in range(b.shape[0])]
-        self.catalog = catalog or SequenceCatalog(tuple(lengths), tuple(range(len(lengths))))
         if [self.catalog.lengths[c] for c in self.catalog.local] != lengths:
             raise ValueError("the sequence catalog does not describe these batches")
         self.optimize = tuple(optimize)
@@ -298,22 +342,9 @@ class FactoredAttentionObjective:
 
     def sample(self, row_fraction: float, sequence_fraction: float, generator: torch.Generator) -> RowSample:
         """A random share of all calibration sequences (at least one), and for each length among the chosen a
-        random share of the query rows (at least one), drawn without replacement; the parts that are this
-        objective's sequences. The draws depend on the catalog only, not on how sequences are split."""
-        lengths = self.catalog.lengths
-        count = max(1, round(sequence_fraction * len(lengths)))
-        chosen = set(torch.randperm(len(lengths), generator=generator)[:count].tolist())
-        rows = {}
-        for n in sorted({lengths[c] for c in chosen}):
-            m = max(1, round(row_fraction * n))
-            rows[n] = torch.randperm(n, generator=generator)[:m].sort().values
-        parts, local = [], iter(self.catalog.local)
-        for i, batch in enumerate(self.batches):
-            seqs = [j for j in range(batch.shape[0]) if next(local) in chosen]
-            if seqs:
-                n = batch.shape[1]
-                parts.append(SampledBatch(i, torch.tensor(seqs), rows[n], len(lengths) / count * n / len(rows[n])))
-        return RowSample(tuple(parts))
+        random share of the query rows (at least one), drawn without replacement (see :func:`sample_rows`); the
+        draws depend on the catalog only, not on how the sequences are split across processes."""
+        return sample_rows(self.batches, row_fraction, sequence_fraction, generator, self.catalog)
 
     def initial_params(self) -> Params:
         return tuple(torch.ones_like(self._weight(name)) for name in self.optimize)
@@ -354,16 +385,11 @@ class FactoredAttentionObjective:
         With a ``sample`` (from :meth:`sample`) only its attention rows are computed, each weighted so that the
         value and the gradient are unbiased estimates of the full ones.
         """
-        parts = sample.parts if sample is not None else [
-            SampledBatch(i, None, None, 1.0) for i in range(len(self.batches))]
         data = torch.zeros((), dtype=q_weight.dtype, device=q_weight.device)
         grad_q, grad_k = torch.zeros_like(q_weight), torch.zeros_like(k_weight)
-        for part in parts:
-            batch, target = self.batches[part.batch], self.targets[part.batch]
-            if part.rows is not None:  # rows first: the target's other rows are never copied
-                target = target.index_select(2, part.rows)
-            if part.sequences is not None:
-                batch, target = batch[part.sequences], target[part.sequences]
+        for part in sample_parts(sample, len(self.batches)):
+            batch = select_rows(self.batches[part.batch], part, None)
+            target = select_rows(self.targets[part.batch], part, 2)
             fwd = self._forward(batch, q_weight, k_weight, part.rows)
             loss, grad_logits = softmax_loss_and_logit_grad(fwd.probs, target)
             gq, gk = fwd.backward(grad_logits)

@@ -28,7 +28,8 @@ from ..core import (
 from ..core.objective import KeptWeightsObjective, SequenceCatalog
 from ..core.solver import AdamConfig, StepCallback, adam
 from ..distributed import SINGLE, World
-from .base import MethodSettings, PruningMethod, register_method
+from ..errors import NonFiniteWeightsError
+from .base import JointResult, LayerContext, MethodSettings, PruningMethod, register_method
 from .magnitude import apply_mask
 from .sparsegpt import SparseGPTSettings
 
@@ -87,6 +88,17 @@ class Attention(PruningMethod):
     settings = AttentionSettings
     roles = ("q_proj", "k_proj")
     joint = True
+    captures = ("q_proj",)
+
+    def prune_layer(self, context: LayerContext, rules: dict[str, PruneRule]) -> JointResult:
+        xs = context.recorded["q_proj"]
+        if not all(bool(torch.isfinite(x).all()) for x in xs):
+            raise NonFiniteWeightsError("attention inputs contain NaN or infinity")
+        weights = {role: context.matrix(role) for role in self.roles}
+        config = context.config
+        result = prune_attention(weights, AttentionInputs(xs, context.attention_spec(), context.catalog), rules,
+                                 config.attention, config.sparsegpt, seed=context.seed, world=context.world)
+        return JointResult(result.weights, attention=result)
 
 
 
@@ -100,11 +112,16 @@ class AttentionInputs:
     catalog: SequenceCatalog | None = None  # where xs sit among every rank's sequences (data-parallel runs)
 
     def batches(self) -> list[Tensor]:
-        """Sequences of equal length stacked into one batch each (attention never crosses sequences)."""
-        by_length: dict[int, list[Tensor]] = defaultdict(list)
-        for x in self.xs:
-            by_length[x.shape[-2]].append(x.reshape(x.shape[-2], x.shape[-1]))
-        return [torch.stack(group).to(SOLVE_DTYPE) for _, group in sorted(by_length.items())]
+        return batches_by_length(self.xs)
+
+
+def batches_by_length(xs: list[Tensor]) -> list[Tensor]:
+    """Sequences (1, n, d) of equal length stacked into one (b, n, d) batch each, shortest first (attention never
+    crosses sequences), in the solver's dtype."""
+    by_length: dict[int, list[Tensor]] = defaultdict(list)
+    for x in xs:
+        by_length[x.shape[-2]].append(x.reshape(x.shape[-2], x.shape[-1]))
+    return [torch.stack(group).to(SOLVE_DTYPE) for _, group in sorted(by_length.items())]
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import AttentionSpec
+from ..errors import UnsupportedArchitectureError
 from .offload import onloaded, write_parameter
 
 #: The names recipes use for a decoder layer's matrices, whatever a family calls its modules.
@@ -145,6 +146,16 @@ class DecoderAdapter:
 
     def attention_module(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn
+
+    def mlp_activation(self) -> str:
+        """The gated MLP's activation, as the core names it (``silu``, ``gelu_tanh``, ``gelu``)."""
+        name = getattr(self.config, "hidden_activation", None) or getattr(self.config, "hidden_act", None)
+        known = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                 "gelu": "gelu"}
+        if name not in known:
+            raise UnsupportedArchitectureError(f"{self.config.model_type}: MLP activation {name!r} has no gradient in "
+                                               f"the core; known: {', '.join(known)}")
+        return known[name]
 
     @staticmethod
     def rope_tables(layer_kwargs: dict) -> tuple[Tensor, Tensor]:

@@ -26,9 +26,8 @@ from ..config import PrunerConfig, PruneRule
 from ..core.objective import SequenceCatalog
 from ..distributed import SINGLE, World
 from ..errors import CalibrationDataError, ConfigError, NonFiniteWeightsError
-from ..methods.attention import AttentionInputs, AttentionResult, prune_attention
-from ..methods.base import method
-from ..models.base import ATTENTION_ROLES, DecoderAdapter, Prunable, read_matrix, write_matrices
+from ..methods.base import LayerContext, method
+from ..models.base import DecoderAdapter, Prunable, read_matrix, write_matrices
 from .capture import LayerInput, check_finite, record_matrix_inputs, run_layer
 
 logger = logging.getLogger(__name__)
@@ -62,6 +61,7 @@ class LayerReport:
     modules: dict[str, ModuleReport] = field(default_factory=dict)
     attention: AttentionReport | None = None
     uncalibrated: list[str] = field(default_factory=list)  # matrices no calibration token reached: magnitude
+    refit_errors: dict[str, float] = field(default_factory=dict)  # sub-block errors before/after a layer refit
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
 
@@ -156,18 +156,23 @@ def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: 
                  catalog: SequenceCatalog | None) -> tuple[LayerReport, list[LayerInput]]:
     start = time.perf_counter()
     targets = {p: rule for p in adapter.prunables(index) if (rule := config.rule_for(p.role)) is not None}
-    attention_rules = {p.role: r for p, r in targets.items() if method(r.method).joint}
     for prunable in targets:
         if not torch.isfinite(read_matrix(layer, prunable)).all():
             raise NonFiniteWeightsError(f"{adapter.layer_prefix(index)}.{prunable.label} contains NaN or infinity")
+    joint: dict[str, dict[str, PruneRule]] = {}  # joint method -> its roles' rules, in rule order
+    for prunable, rule in targets.items():
+        if method(rule.method).joint:
+            joint.setdefault(rule.method, {})[prunable.role] = rule
 
     def inputs_of(prunables: list[Prunable]) -> list[str]:
         return list(dict.fromkeys(adapter.input_key(p) for p in prunables))
 
-    keep = inputs_of([adapter.prunable(index, "q_proj")]) if attention_rules else []
+    captures = {role: adapter.input_key(adapter.prunable(index, role))
+                for name in joint for role in method(name).captures}
     hessian = inputs_of([p for p, r in targets.items() if method(r.method).statistic == "hessian"])
     norms = inputs_of([p for p, r in targets.items() if method(r.method).statistic == "norms"])
-    with record_matrix_inputs(adapter, index, layer, keep=keep, hessian=hessian, norms=norms) as recorded:
+    with record_matrix_inputs(adapter, index, layer, keep=list(dict.fromkeys(captures.values())), hessian=hessian,
+                              norms=norms) as recorded:
         dense_outputs = run_layer(layer, inputs)
     if not check_finite([o.hidden for o in dense_outputs]):
         raise NonFiniteWeightsError(f"layer {index} produced NaN or infinite activations on the calibration data")
@@ -178,16 +183,20 @@ def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: 
         stats.tokens = int(world.total(stats.tokens))
 
     report = LayerReport(index)
+    context = LayerContext(adapter, index, layer, inputs, config, world, catalog, layer_seed(config.seed, index),
+                           {role: recorded.tensors[key] for role, key in captures.items()})
+    for name, joint_rules in joint.items():
+        result = method(name).prune_layer(context, joint_rules)
+        # every rank computed these from the same sums; rank 0's are kept
+        context.write({role: world.broadcast(weight.contiguous()) for role, weight in result.weights.items()})
+        if result.attention is not None:
+            attention = result.attention
+            report.attention = AttentionReport(attention.error_mask, attention.error_final,
+                                               attention.descent_iterations, attention.refit_kept,
+                                               attention.seconds)
+        report.refit_errors.update(result.errors)
     pruned: dict[Prunable, torch.Tensor] = {}
-    if attention_rules:
-        result = _prune_attention_modules(adapter, index, layer, recorded.tensors[keep[0]], inputs,
-                                          attention_rules, config, world, catalog)
-        report.attention = AttentionReport(result.error_mask, result.error_final, result.descent_iterations,
-                                           result.refit_kept, result.seconds)
-        pruned.update({adapter.prunable(index, role): weight for role, weight in result.weights.items()})
-    for prunable, weight in pruned.items():  # every rank computed these from the same sums; rank 0's are kept
-        pruned[prunable] = world.broadcast(weight.contiguous())
-    linear = [(p, rule) for p, rule in targets.items() if p.role not in attention_rules]
+    linear = [(p, rule) for p, rule in targets.items() if not method(rule.method).joint]
     for i, (prunable, rule) in enumerate(linear):
         weight = read_matrix(layer, prunable)
         chosen = method(rule.method)
@@ -213,19 +222,6 @@ def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: 
 def layer_seed(seed: int, index: int) -> int:
     """Each layer's own stream of random draws, fixed by the run's seed."""
     return seed * 100_003 + index
-
-
-def _prune_attention_modules(adapter: DecoderAdapter, index: int, layer: nn.Module, xs: list[torch.Tensor],
-                             inputs: list[LayerInput], rules: dict[str, PruneRule],
-                             config: PrunerConfig, world: World,
-                             catalog: SequenceCatalog | None) -> AttentionResult:
-    if not check_finite(xs):
-        raise NonFiniteWeightsError("attention inputs contain NaN or infinity")
-    longest = max(range(len(inputs)), key=lambda i: inputs[i].hidden.shape[1])
-    spec = adapter.attention_spec(layer, index, inputs[longest].kwargs)
-    weights = {role: read_matrix(layer, adapter.prunable(index, role)) for role in ATTENTION_ROLES}
-    return prune_attention(weights, AttentionInputs(xs, spec, catalog), rules, config.attention, config.sparsegpt,
-                           seed=layer_seed(config.seed, index), world=world)
 
 
 def _measure(weight: torch.Tensor, rule: PruneRule) -> ModuleReport:

@@ -1,0 +1,149 @@
+"""The whole-layer method: every linear of a decoder layer gets an activation-aware pattern, then the kept values
+are refitted so that the pruned layer reproduces the dense layer's non-linear sub-block outputs
+(docs/method.md section 8c): q/k to the attention probabilities (the paper's objective, optional), v/o to the
+attention sub-block's output under the pruned attention, gate/up/down to the MLP's output on the inputs the pruned
+attention gives. Targets are the dense layer's sub-block outputs on the pruned model's layer inputs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field
+from torch import Tensor
+
+from ..core import InputStatistics, multihead_attention_probs, sparsegpt, wanda_mask
+from ..core.layer_objective import AttentionOutputObjective, MLPObjective, refit_kept_weights
+from ..core.solver import AdamConfig
+from ..errors import ConfigError
+from .attention import SOLVE_DTYPE, AttentionInputs, AttentionSettings, batches_by_length, prune_attention
+from .base import JointResult, LayerContext, MethodSettings, PruningMethod, register_method
+from .magnitude import apply_mask
+
+if TYPE_CHECKING:
+    from ..config import PruneRule
+
+#: The role whose module input is each role's input (q, k and v read the attention input; gate and up the MLP's).
+INPUT_ROLE = {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "o_proj": "o_proj",
+              "gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}
+
+
+class LayerSettings(MethodSettings):
+    """``pattern``: Wanda's score, or SparseGPT's pattern with its updated weights as the refit's start;
+    ``refit_qk``: also fit q/k to the attention probabilities (the attention method's refit, its defaults);
+    the ``refit_*`` settings drive Adam on the v/o and MLP sub-blocks (steps sampled like the q/k refit's), and a
+    refit is kept only if it lowers the sub-block's error on a fixed ``check_fraction`` of the tokens."""
+
+    pattern: Literal["wanda", "sparsegpt"] = "wanda"
+    refit_qk: bool = False
+    refit_iterations: int = Field(default=40, ge=0)
+    refit_lr: float = Field(default=0.01, gt=0.0, allow_inf_nan=False)
+    refit_row_fraction: float = Field(default=0.125, gt=0.0, le=1.0, allow_inf_nan=False)
+    refit_sequence_fraction: float = Field(default=0.5, gt=0.0, le=1.0, allow_inf_nan=False)
+    check_fraction: float = Field(default=0.25, gt=0.0, le=1.0, allow_inf_nan=False)
+
+    def unused(self) -> dict[str, str]:
+        if self.refit_iterations:
+            return {}
+        return dict.fromkeys(("refit_lr", "refit_row_fraction", "refit_sequence_fraction", "check_fraction"),
+                             "read only when refit_iterations > 0")
+
+    def reads_settings_of(self) -> tuple[str, ...]:
+        return ("sparsegpt",) if self.pattern == "sparsegpt" else ()
+
+
+@register_method
+class Layer(PruningMethod):
+    """Joint over the layer: the roles of its rule are pruned together, sub-block by sub-block."""
+
+    name = "layer"
+    settings = LayerSettings
+    joint = True
+    captures = ("q_proj", "o_proj", "gate_proj", "down_proj")
+
+    def prune_layer(self, context: LayerContext, rules: dict[str, PruneRule]) -> JointResult:
+        if context.world.size > 1:
+            raise ConfigError("method 'layer' runs in one process for now; under torchrun use 'attention', "
+                              "'wanda', 'sparsegpt' or 'magnitude'")
+        settings: LayerSettings = context.config.layer
+        dense = {role: context.matrix(role).to(SOLVE_DTYPE) for role in rules}
+        keep, weights = self._patterns(context, rules, dense, settings)
+        spec = context.attention_spec().to(SOLVE_DTYPE)
+        attention, errors = None, {}
+        if settings.refit_qk and {"q_proj", "k_proj"} <= set(rules):
+            qk = {role: rules[role] for role in ("q_proj", "k_proj")}
+            attention = prune_attention({role: dense[role] for role in qk},
+                                        AttentionInputs(context.recorded["q_proj"], spec, context.catalog), qk,
+                                        AttentionSettings(mask=settings.pattern), context.config.sparsegpt,
+                                        seed=context.seed)
+            weights.update(attention.weights)
+        adam = AdamConfig(iterations=settings.refit_iterations, lr=settings.refit_lr,
+                          row_fraction=settings.refit_row_fraction,
+                          sequence_fraction=settings.refit_sequence_fraction, seed=context.seed)
+        if settings.refit_iterations and {"v_proj", "o_proj"} <= set(rules):
+            weights.update(self._refit_attention_output(context, dense, keep, weights, spec, adam, settings,
+                                                        errors))
+        if settings.refit_iterations and {"gate_proj", "up_proj", "down_proj"} <= set(rules):
+            context.write({role: weights[role] for role in ("q_proj", "k_proj", "v_proj", "o_proj")
+                           if role in weights})
+            weights.update(self._refit_mlp(context, dense, keep, weights, adam, settings, errors))
+        return JointResult({role: apply_mask(weights[role], keep[role]) for role in rules}, attention, errors)
+
+    @staticmethod
+    def _patterns(context: LayerContext, rules: dict[str, PruneRule], dense: dict[str, Tensor],
+                  settings: LayerSettings) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Each role's keep-mask and start weights (dense for Wanda, SparseGPT's update for its pattern)."""
+        stats = {}
+        for source in dict.fromkeys(INPUT_ROLE[role] for role in rules):
+            xs = context.recorded[source]
+            stats[source] = InputStatistics(xs[0].shape[-1], hessian=settings.pattern == "sparsegpt")
+            for x in xs:
+                stats[source].update(x)
+        keep, start = {}, {}
+        for role, rule in rules.items():
+            st = stats[INPUT_ROLE[role]]
+            if settings.pattern == "sparsegpt":
+                sg = context.config.sparsegpt
+                start[role], keep[role] = sparsegpt(dense[role], st.hessian, rule.sparsity, n_m=rule.n_m,
+                                                    blocksize=sg.blocksize, percdamp=sg.percdamp)
+            else:
+                keep[role] = wanda_mask(dense[role], st.column_norms, rule.sparsity, n_m=rule.n_m)
+                start[role] = dense[role]
+        return keep, {role: apply_mask(start[role], keep[role]) for role in rules}
+
+    @staticmethod
+    def _refit_attention_output(context: LayerContext, dense: dict[str, Tensor], keep: dict[str, Tensor],
+                                weights: dict[str, Tensor], spec, adam: AdamConfig, settings: LayerSettings,
+                                errors: dict[str, float]) -> dict[str, Tensor]:
+        """v/o against the dense attention sub-block's output, with the probabilities of the pruned q/k."""
+        x = batches_by_length(context.recorded["q_proj"])
+        q = weights.get("q_proj", context.matrix("q_proj").to(SOLVE_DTYPE))
+        k = weights.get("k_proj", context.matrix("k_proj").to(SOLVE_DTYPE))
+        probs = [multihead_attention_probs(batch, q, k, spec) for batch in x]
+        bias = {role: context.adapter.bias(context.layer, context.adapter.prunable(context.index, role))
+                for role in ("v_proj", "o_proj")}
+        bias = {role: None if b is None else b.to(SOLVE_DTYPE) for role, b in bias.items()}
+        targets = [z @ dense["o_proj"].T + (0 if bias["o_proj"] is None else bias["o_proj"])
+                   for z in batches_by_length(context.recorded["o_proj"])]
+        objective = AttentionOutputObjective(
+            x, probs, {"v": dense["v_proj"], "o": dense["o_proj"]}, {"v": keep["v_proj"], "o": keep["o_proj"]},
+            head_dim=spec.head_dim, start={"v": weights["v_proj"], "o": weights["o_proj"]},
+            v_bias=bias["v_proj"], o_bias=bias["o_proj"], targets=targets)
+        result = refit_kept_weights(objective, adam, settings.check_fraction)
+        errors["vo_before"], errors["vo_after"] = result.error_before, result.error_after
+        return {"v_proj": result.weights["v"], "o_proj": result.weights["o"]}
+
+    @staticmethod
+    def _refit_mlp(context: LayerContext, dense: dict[str, Tensor], keep: dict[str, Tensor],
+                   weights: dict[str, Tensor], adam: AdamConfig, settings: LayerSettings,
+                   errors: dict[str, float]) -> dict[str, Tensor]:
+        """gate/up/down against the dense MLP's output, on the MLP inputs the pruned attention gives."""
+        x = batches_by_length(context.record(("gate_proj",))["gate_proj"])
+        targets = [h @ dense["down_proj"].T for h in batches_by_length(context.recorded["down_proj"])]
+        names = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+        objective = MLPObjective(x, {n: dense[r] for n, r in names.items()}, {n: keep[r] for n, r in names.items()},
+                                 start={n: weights[r] for n, r in names.items()}, targets=targets,
+                                 activation=context.adapter.mlp_activation())
+        result = refit_kept_weights(objective, adam, settings.check_fraction)
+        errors["mlp_before"], errors["mlp_after"] = result.error_before, result.error_after
+        return {r: result.weights[n] for n, r in names.items()}

@@ -1,0 +1,59 @@
+"""The whole-layer method ('layer') in the pipeline: exact sparsity of every linear, the sub-block refits lower
+their errors, and a whole-model prune saves and loads bit-exactly in both formats."""
+
+import pytest
+import torch
+from family_checks import assert_recipe_prunes_and_round_trips
+from tiny_models import calibration, tiny_model
+
+from attnprune_opt import AttentionPruner
+from attnprune_opt.errors import RecipeError
+from attnprune_opt.models.base import ROLES, read_matrix
+from attnprune_opt.models.registry import get_adapter
+
+WHOLE_LAYER = {"rules": [{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}],
+               "layer": {"refit_iterations": 10}}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_whole_layer_prune_is_exact_and_round_trips(kind, tmp_path):
+    assert_recipe_prunes_and_round_trips(tiny_model(kind), WHOLE_LAYER, tmp_path)
+
+
+@pytest.mark.parametrize("settings", [{"refit_iterations": 10}, {"refit_iterations": 10, "pattern": "sparsegpt"},
+                                      {"refit_iterations": 10, "refit_qk": True}])
+def test_every_row_is_exactly_2_of_4_and_each_refit_lowers_its_error(settings):
+    model = tiny_model("llama")
+    pruner = AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "structure": "2:4"}],
+                             layer=settings, **({"sparsegpt": {"blocksize": 32}} if "pattern" in settings else {}))
+    pruner.prune_model(model, calibration=calibration(), progress=False)
+    adapter = get_adapter(model)
+    for index, layer in enumerate(adapter.layers(model)):
+        for role in ROLES:
+            matrix = read_matrix(layer, adapter.prunable(index, role))
+            zeros = (matrix.view(matrix.shape[0], -1, 4) == 0).sum(dim=-1)
+            assert (zeros >= 2).all() and (matrix == 0).float().mean() == 0.5, (index, role)
+    for report in pruner.report.layers:
+        errors = report.refit_errors
+        assert errors["vo_after"] < errors["vo_before"] and errors["mlp_after"] < errors["mlp_before"], errors
+        assert (report.attention is not None) == settings.get("refit_qk", False)
+
+
+def test_without_refit_the_kept_weights_are_wandas():
+    """refit_iterations 0 is Wanda everywhere: the same pattern and the kept values untouched."""
+    ours, theirs = tiny_model("llama"), tiny_model("llama")
+    AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}],
+                    layer={"refit_iterations": 0}).prune_model(ours, calibration=calibration(), progress=False)
+    AttentionPruner(rules=[{"modules": list(ROLES), "method": "wanda", "sparsity": 0.5}]).prune_model(
+        theirs, calibration=calibration(), progress=False)
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_settings_the_method_does_not_read_are_errors():
+    with pytest.raises(RecipeError, match="layer.refit_lr: not used: read only when refit_iterations > 0"):
+        AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}],
+                        layer={"refit_iterations": 0, "refit_lr": 0.1})
+    with pytest.raises(RecipeError, match="sparsegpt: settings of method 'sparsegpt', which no rule uses"):
+        AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}],
+                        sparsegpt={"blocksize": 32})
