@@ -244,3 +244,15 @@ def test_n_m_structure_is_checked_on_every_layers_matrices_before_pruning():
                                           r"\.down_proj\[0\]"):
         AttentionPruner(rules=rules).prune_model(model, calibration=calibration(), progress=False)
     assert all(torch.equal(tensor, dense[name]) for name, tensor in model.state_dict().items())
+
+
+def test_a_joint_method_needing_one_matrix_per_role_is_refused_on_expert_layers():
+    """The whole-layer method fits one gate/up/down per layer: on experts it is refused before any work; the
+    attention method (q/k only, one matrix each) is not."""
+    model = tiny_moe("mixtral")
+    dense = copy.deepcopy(model.state_dict())
+    layer = {"rules": [{"modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "method": "layer", "sparsity": 0.5}]}
+    with pytest.raises(ConfigError, match=r"rules\.0\.method: 'layer' takes one matrix per role, but layer 0 of this "
+                                          r"mixtral model has several down_proj, gate_proj \(one per expert\)"):
+        AttentionPruner(**layer).prune_model(model, calibration=calibration(), progress=False)
+    assert all(torch.equal(tensor, dense[name]) for name, tensor in model.state_dict().items())

@@ -14,6 +14,7 @@ import logging
 import resource
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -104,6 +105,16 @@ def check_config_fits(config: PrunerConfig, adapter: DecoderAdapter, model: nn.M
         if missing:
             raise ConfigError(f"rules.{i}.modules: {', '.join(missing)} not in {adapter.config.model_type} layers, "
                               f"whose prunable matrices are {', '.join(roles)}")
+    for i, rule in enumerate(config.rules):
+        if not method(rule.method).joint:
+            continue
+        needs = {*rule.modules, *method(rule.method).captures}
+        for index in indices:  # a joint method sees one matrix per role; experts are several
+            counts = Counter(p.role for p in adapter.prunables(index) if p.role in needs)
+            if several := sorted(role for role, n in counts.items() if n > 1):
+                raise ConfigError(f"rules.{i}.method: {rule.method!r} takes one matrix per role, but layer {index} "
+                                  f"of this {adapter.config.model_type} model has several {', '.join(several)} "
+                                  "(one per expert); prune them with a per-matrix method")
     for rule in config.rules:
         if rule.n_m is None:
             continue
