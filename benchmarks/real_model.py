@@ -116,9 +116,9 @@ def run_all(runs: list[dict], quick: bool, work: Path, tasks: tuple[str, ...] = 
         else:
             folder = prune(run, work, model)
             manifest = read_manifest(folder).model_dump(mode="json")
-            model = load_pruned_model(folder).eval()
-            result = evaluate(model, tokenizer, dense_model=dense, **options)
-            del model
+            pruned = load_pruned_model(folder).eval()
+            result = evaluate(pruned, tokenizer, dense_model=dense, **options)
+            del pruned
         records.append(record(run, result, manifest))
         print(f"{run['config']:8s} {run['method']:20s} done in {time.perf_counter() - start:.0f} s: "
               f"{json.dumps({k: records[-1][k] for k in ('wikitext2_ppl', 'c4_ppl', 'attention_error')})}",

@@ -15,13 +15,15 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from attnprune_opt import AttentionPruner, load_pruned_model
 from attnprune_opt.cli import main
-from attnprune_opt.config import PrunerConfig
+from attnprune_opt.config import PrunerConfig, PruneRule
 from attnprune_opt.errors import ArtifactError, ConfigError, OutputExistsError
 from attnprune_opt.export.convert import export_pruned
 from attnprune_opt.export.manifest import MANIFEST_NAME, SparsitySummary, read_manifest
+from attnprune_opt.export.pruned import MatrixZeros, PlannedMatrix, PrunePlan, count_zeros, kept_per_row
 from attnprune_opt.export.save import save_pruned
 from attnprune_opt.export.sharded import INDEX_NAME, WEIGHTS_NAME
 from attnprune_opt.export.verify import verify_pruned_folder
+from attnprune_opt.models.base import Prunable
 from tiny_models import WHOLE_MODEL, pruned_tiny_model
 
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -119,6 +121,20 @@ def test_a_rule_that_does_not_hold_leaves_no_output(tmp_path):
     with pytest.raises(ConfigError, match="2:4 layout needs a column count divisible by 4"):
         save_pruned(model, tmp_path / "out", config=config, format="bitmask")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_stacked_expert_weights_are_measured_per_expert_and_refused_by_the_bitmask_format():
+    rule = PruneRule(modules=["up_proj"], method="magnitude", sparsity=0.5)
+    up = Prunable("up_proj", "mlp.experts", rows=((4, 8),), parameter="gate_up_proj", expert=1)
+    part = PlannedMatrix("model.layers.0.mlp.experts.gate_up_proj[1.up_proj]", 0, "model.layers.0", up, rule)
+    weight = torch.zeros(2, 8, 3)
+    weight[1, 4:] = 1.0
+    weight[1, 5, 2] = 0.0
+    weight[0] = 1.0  # another expert's rows: not this matrix's
+    assert count_zeros((part,), kept_per_row(weight), 3) == {part.name: MatrixZeros(0, "up_proj", 1, 12)}
+    with pytest.raises(ConfigError, match=r"stores 2-D '.weight' tensors only, not "
+                                          r"model.layers.0.mlp.experts.gate_up_proj \(.*\); save it with format"):
+        PrunePlan((part,)).targets()
 
 
 # --- a tiny Llama pruned by the pipeline, end to end ---------------------------------------------------------------

@@ -20,8 +20,8 @@ import yaml
 from attnprune_opt import load_pruned_model
 from attnprune_opt.atomic import atomic_output_dir, recover
 from attnprune_opt.cli import main
-from attnprune_opt.errors import ArtifactError
-from attnprune_opt.export.manifest import MANIFEST_NAME
+from attnprune_opt.errors import ArtifactError, UnsupportedArchitectureError
+from attnprune_opt.export.manifest import MANIFEST_NAME, SparsitySummary, read_manifest
 from attnprune_opt.export.verify import verify_pruned_folder
 from tiny_models import QK_ONLY, pruned_tiny_model, save_tiny_model_folder
 
@@ -111,6 +111,44 @@ def test_recorded_rules(folder, capsys):
                          r"the rules say \('attention', 'unstructured', 0.9\)", capsys)
 
 
+def test_recorded_role(folder, capsys):
+    edit_manifest(folder, lambda m: m["sparsity"]["modules"]["model.layers.1.self_attn.k_proj.weight"]
+                  .update(role="v_proj"))
+    assert_named(folder, r"model.layers.1.self_attn.k_proj.weight \(v_proj of layer 1\) is not pruned by the "
+                         r"recorded rules", capsys)
+
+
+def test_role_swapped_in_a_resealed_manifest(folder):
+    """A consistent manifest naming k_proj's matrix q_proj: only the model family's adapter can tell."""
+    manifest = read_manifest(folder)
+    name = "model.layers.1.self_attn.k_proj.weight"
+    modules = {**manifest.sparsity.modules, name: manifest.sparsity.modules[name].model_copy(update={"role": "q_proj"})}
+    manifest.model_copy(update={"sparsity": SparsitySummary.of(modules)}).write(folder)
+    message = rf"{name}: k_proj of layer 1 in the model's layout, manifest says q_proj of layer 1"
+    with pytest.raises(ArtifactError, match=message):
+        verify_pruned_folder(folder, weights=True)
+    with pytest.raises(ArtifactError, match=message):
+        load_pruned_model(folder)
+
+
+def test_older_schema(folder, capsys):
+    edit_manifest(folder, lambda m: m.update(schema_version=2))
+    assert_named(folder, r"attnprune_manifest.json: schema_version 2, expected 3 \(written by another version of "
+                         r"attnprune-opt\)", capsys)
+
+
+def test_config_json_the_adapter_cannot_read(folder):
+    """Which matrices were pruned is read from config.json by the family's adapter: a bad one is named."""
+    config = json.loads((folder / "config.json").read_text())
+    for edit, error, message in (({"model_type": "gpt2"}, UnsupportedArchitectureError,
+                                   r"config.json: model_type 'gpt2' is not supported; supported: .*llama"),
+                                  ({"num_hidden_layers": "two"}, ArtifactError,
+                                   r"config.json: not a valid llama config \(.*num_hidden_layers")):
+        (folder / "config.json").write_text(json.dumps({**config, **edit}))
+        with pytest.raises(error, match=message):
+            verify_pruned_folder(folder, hashes=False, weights=True)
+
+
 def test_other_manifest_edit(folder, capsys):
     edit_manifest(folder, lambda m: m["report"].update(seconds=0.0))
     assert_named(folder, "its digest does not match its content: the manifest was edited", capsys)
@@ -145,7 +183,7 @@ def test_manifest_holds_no_absolute_path(saved):
     for name in ("dense", "bitmask"):
         text = (saved / name / MANIFEST_NAME).read_text()
         assert str(saved) not in text and "/tmp/" not in text and "/work/" not in text and "/root" not in text
-        assert yaml.safe_load(text)["schema_version"] == 2
+        assert yaml.safe_load(text)["schema_version"] == 3
 
 
 # --- killed while writing: the output path holds a complete folder, old or new ------------------------------------

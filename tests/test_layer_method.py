@@ -57,3 +57,22 @@ def test_settings_the_method_does_not_read_are_errors():
     with pytest.raises(RecipeError, match="sparsegpt: settings of method 'sparsegpt', which no rule uses"):
         AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}],
                         sparsegpt={"blocksize": 32})
+
+
+def test_fused_and_ungated_families(tmp_path):
+    """Phi-3 (fused qkv and gate_up) refits both sub-blocks; GPT-NeoX (no gate_proj) refits v/o and gives up/down
+    their pattern; both prune exactly and round-trip."""
+    from transformers import GPTNeoXConfig, Phi3Config
+
+    from family_checks import tiny_family_model
+
+    phi3 = tiny_family_model(Phi3Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                        pad_token_id=0))
+    neox = tiny_family_model(GPTNeoXConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                           num_attention_heads=4, max_position_embeddings=256))
+    for name, model in (("phi3", phi3), ("neox", neox)):
+        roles = get_adapter(model).roles()
+        recipe = {"rules": [{"modules": list(roles), "method": "layer", "sparsity": 0.5}],
+                  "layer": {"refit_iterations": 5}}
+        assert_recipe_prunes_and_round_trips(model, recipe, tmp_path / name)

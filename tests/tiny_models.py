@@ -71,10 +71,12 @@ def saved_tensors(folder) -> dict[str, torch.Tensor]:
     return {name: tensor for file in sorted(folder.glob("*.safetensors")) for name, tensor in load_file(file).items()}
 
 
-def assert_offload_is_bit_identical(folder, out, config: dict, device_map: dict) -> dict[str, torch.Tensor]:
+def assert_offload_is_bit_identical(folder, out, config: dict, device_map: dict,
+                                    snapshot=None) -> dict[str, torch.Tensor]:
     """Prune the model saved in ``folder`` with ``AttentionPruner(**config)`` in memory, under accelerate's
-    cpu_offload, and dispatched by ``device_map`` (with disk offload); the three saved outputs (under ``out``) must
-    be bit-identical. Returns the in-memory run's saved tensors."""
+    cpu_offload, and dispatched by ``device_map`` (with disk offload); the three results must be bit-identical:
+    the saved outputs (under ``out``), or ``snapshot(model)`` (name -> tensor) when given. Returns the in-memory
+    run's."""
     from attnprune_opt import AttentionPruner
 
     results = {}
@@ -82,6 +84,9 @@ def assert_offload_is_bit_identical(folder, out, config: dict, device_map: dict)
     def prune_and_save(name, model):
         pruner = AttentionPruner(**config)
         pruner.prune_model(model, calibration=calibration(), progress=False)
+        if snapshot is not None:
+            results[name] = snapshot(model)
+            return
         pruner.save(model, out / name)
         results[name] = saved_tensors(out / name)
 

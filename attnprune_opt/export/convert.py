@@ -10,15 +10,14 @@ from ..atomic import atomic_output_dir, check_output_dir
 from .folder import (
     CONFIG_NAME,
     TensorFiles,
-    compressed_layout,
     folder_quantization,
     folder_tensors,
     logical_names,
-    pruned_rule,
     read_json,
 )
 from .manifest import MANIFEST_NAME, RECIPE_NAME
 from .measure import check_same_zeros, write_manifest
+from .pruned import folder_plan
 from .save import check_format, shard_bytes
 from .sharded import INDEX_NAME, quantization_config, verify_folder, write_compressed_safetensors
 from .verify import verify_pruned_folder
@@ -41,18 +40,18 @@ def export_pruned(in_dir: str | Path, out_dir: str | Path, format: str, *, overw
     config = source.config
     weight_map = verify_folder(in_dir)
     quant = folder_quantization(in_dir)
-    layout = compressed_layout(config)
+    plan = folder_plan(in_dir, config)
+    targets = plan.targets() if format == "bitmask" else []
     with atomic_output_dir(out_dir, overwrite) as tmp:
         with TensorFiles(in_dir, weight_map) as files:
             names = logical_names(weight_map, quant)
-            targets = [name.removesuffix(".weight") for name in names if pruned_rule(name, config)]
-            compress = (lambda name: pruned_rule(name, config) is not None) if format == "bitmask" else _never
+            compress = plan.tensors.__contains__ if format == "bitmask" else _never
             write_compressed_safetensors(folder_tensors(names, quant, files), compress, tmp, max_bytes,
-                                         layout=layout)
+                                         layout=plan.layout)
         model_config = read_json(in_dir / CONFIG_NAME)
         model_config.pop("quantization_config", None)
         if format == "bitmask":
-            model_config["quantization_config"] = quantization_config(layout, targets)
+            model_config["quantization_config"] = quantization_config(plan.layout, targets)
         (tmp / CONFIG_NAME).write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
         for path in in_dir.iterdir():
             if not _is_weight_or_manifest(path.name):

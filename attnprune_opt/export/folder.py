@@ -1,4 +1,4 @@
-"""Reading a saved folder's tensors: which weights a config prunes, how they are stored, and the tensors themselves.
+"""Reading a saved folder's tensors: how they are stored, and the tensors themselves.
 
 Shared by measuring a folder (:mod:`.measure`), converting it (:mod:`.convert`) and loading it (:mod:`.load`).
 """
@@ -15,34 +15,12 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from ..config import PrunerConfig, PruneRule
 from ..errors import ArtifactError
-from ..models.families.llama import LLAMA_MODULES
-from .bitmask import DECOMPRESSORS, SPARSE_24_BITMASK, SPARSE_BITMASK, TENSOR_NAMES
+from .bitmask import DECOMPRESSORS, TENSOR_NAMES
 from .sharded import QUANT_METHOD
 
 CONFIG_NAME = "config.json"
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-def pruned_rule(name: str, config: PrunerConfig) -> PruneRule | None:
-    """The rule that pruned the tensor ``name`` (``model.layers.3.self_attn.q_proj.weight``), None if untouched."""
-    parts = name.split(".")
-    if parts[-1] != "weight" or "layers" not in parts:
-        return None
-    index = parts.index("layers") + 1
-    if index >= len(parts) or not parts[index].isdigit():
-        return None
-    if config.layers is not None and int(parts[index]) not in config.layers:
-        return None
-    path = ".".join(parts[index + 1:-1])
-    module = next((m for m, p in LLAMA_MODULES.items() if p == path), None)
-    return config.rule_for(module) if module else None
-
-
-def compressed_layout(config: PrunerConfig) -> str:
-    """``sparse-24-bitmask`` when every rule is 2:4 (a little denser: no row offsets), else ``sparse-bitmask``."""
-    return SPARSE_24_BITMASK if all(rule.structure == "2:4" for rule in config.rules) else SPARSE_BITMASK
 
 
 def folder_quantization(folder: Path) -> dict[str, Any] | None:

@@ -2,7 +2,7 @@
 
 Before loading, the folder is verified (:func:`~.verify.verify_pruned_folder`: the manifest, every weight file
 opened and matched against the index and config.json, and every file's SHA-256, unless ``verify_files=False``);
-after loading, every pruned weight's zeros are counted in the model (an offloaded one brought back for the count)
+after loading, every pruned matrix's zeros are counted in the model (an offloaded one brought back for the count)
 and must equal the manifest's. Any disagreement is an :class:`ArtifactError` naming the file or module. A
 compressed folder is decompressed by the transformers quantizer this package registers (:mod:`.quantizer`).
 """
@@ -17,9 +17,10 @@ from torch import nn
 from ..errors import ArtifactError
 from ..models.offload import onloaded
 from .bitmask import DECOMPRESSORS, TENSOR_NAMES
-from .folder import TensorFiles, folder_quantization, pruned_rule
+from .folder import TensorFiles, folder_quantization
 from .manifest import Manifest, read_manifest
-from .measure import raise_disagreement
+from .measure import check_same_zeros
+from .pruned import MatrixZeros, count_zeros, kept_per_row, prune_plan
 from .sharded import verify_folder
 from .verify import verify_pruned_folder
 
@@ -66,30 +67,20 @@ def _raise_first_bad_weight(folder: Path, quant: dict[str, Any], exc: RuntimeErr
 
 
 def check_sparsity(model: nn.Module, manifest: Manifest, folder: str | Path = "model") -> float:
-    """Every pruned weight of ``model`` must hold the zeros the manifest records, and the manifest must list every
-    weight its recipe prunes (else :class:`ArtifactError` naming the modules and both counts); returns the
-    fraction of zeros measured over the pruned weights."""
-    expected = manifest.sparsity.modules
-    problems = []
-    names = [name for name, _ in model.named_parameters() if pruned_rule(name, manifest.config)]
-    problems += [f"{name}: pruned by the recipe but not in the manifest" for name in names if name not in expected]
-    zeros_total = numel_total = 0
-    for name, entry in expected.items():
-        prefix, _, leaf = name.rpartition(".")
+    """Every pruned matrix of ``model`` must hold the zeros the manifest records, and the manifest must list every
+    matrix its recipe prunes (else :class:`ArtifactError` naming the matrices and both counts); returns the
+    fraction of zeros measured over the pruned matrices. The model's adapter says where each matrix is."""
+    measured: dict[str, MatrixZeros] = {}
+    for parts in prune_plan(model.config, manifest.config).tensors.values():
         try:
-            module = model.get_submodule(prefix)
+            module = model.get_submodule(parts[0].module)
         except AttributeError:
-            problems.append(f"{name}: in the manifest but not in the model")
-            continue
+            continue  # reported as a matrix the manifest records and the model lacks
         with onloaded(module):
-            weight = getattr(module, leaf, None)
+            weight = getattr(module, parts[0].prunable.parameter, None)
             if weight is None or weight.device.type == "meta":
-                problems.append(f"{name}: in the manifest but the model has no readable weight there")
                 continue
-            zeros, numel = int((weight == 0).sum()), weight.numel()
-        zeros_total, numel_total = zeros_total + zeros, numel_total + numel
-        if (zeros, numel) != (entry.zeros, entry.numel):
-            problems.append(f"{name}: {zeros} zeros of {numel} loaded ({weight.dtype}), manifest says "
-                            f"{entry.zeros} of {entry.numel}")
-    raise_disagreement(Path(folder), problems)
-    return zeros_total / numel_total if numel_total else 0.0
+            measured.update(count_zeros(parts, kept_per_row(weight), weight.shape[-1]))
+    check_same_zeros(manifest.sparsity.modules, measured, Path(folder))
+    zeros, numel = sum(m.zeros for m in measured.values()), sum(m.numel for m in measured.values())
+    return zeros / numel if numel else 0.0

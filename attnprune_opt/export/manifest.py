@@ -1,7 +1,7 @@
 """The manifest of a pruned folder (``attnprune_manifest.json``): one typed record, read and written only here.
 
 It holds what identifies the run (the config, the model and calibration data by name and SHA-256, versions), what
-was measured on the written files (every pruned weight's zeros, the sizes of both formats) and a SHA-256 of every
+was measured on the written files (every pruned matrix's zeros, the sizes of both formats) and a SHA-256 of every
 other file in the folder. Its summary figures are derived from its per-weight entries, and every entry must agree
 with the recorded rules, so an edited figure is an :class:`ArtifactError`; ``digest`` (a SHA-256 of the rest of the
 manifest) catches any other edit. No absolute local path is recorded: inputs are named by name, relative path and
@@ -22,11 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 from ..config import PrunerConfig
 from ..errors import ArtifactError
 from ..paths import file_sha256
-from .folder import pruned_rule, read_json
+from .folder import read_json
 
 MANIFEST_NAME = "attnprune_manifest.json"
 RECIPE_NAME = "recipe.yaml"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 FORMATS = ("dense", "bitmask")
 _VERSIONED = ("attnprune-opt", "torch", "transformers", "accelerate", "safetensors", "gguf")
 
@@ -36,8 +36,12 @@ class _Record(BaseModel):
 
 
 class WeightSparsity(_Record):
-    """One pruned weight as measured in the files: zeros of numel, under the rule that pruned it."""
+    """One pruned matrix as measured in the files: zeros of numel, under the rule that pruned it. ``layer`` and
+    ``role`` (the recipes' name for the matrix, from the family's adapter) let the manifest be checked against its
+    rules without the model; a fused tensor's matrices are separate entries."""
 
+    layer: int = Field(ge=0)
+    role: str
     method: str
     structure: str
     target_sparsity: float
@@ -110,9 +114,10 @@ class Manifest(_Record):
         if self.sizes.format != self.format:
             raise ValueError(f"sizes.format {self.sizes.format!r} is not the format {self.format!r}")
         for name, entry in self.sparsity.modules.items():
-            rule = pruned_rule(name, self.config)
-            if rule is None:
-                raise ValueError(f"sparsity.modules: {name} is not pruned by the recorded rules")
+            rule = self.config.rule_for(entry.role)
+            if rule is None or (self.config.layers is not None and entry.layer not in self.config.layers):
+                raise ValueError(f"sparsity.modules: {name} ({entry.role} of layer {entry.layer}) is not pruned by "
+                                 "the recorded rules")
             recorded = (entry.method, entry.structure, entry.target_sparsity)
             if recorded != (rule.method, rule.structure, rule.sparsity):
                 raise ValueError(f"sparsity.modules: {name} records {recorded}, the rules say "

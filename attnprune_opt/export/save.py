@@ -7,8 +7,9 @@ complete), the tokenizer, the recipe, and a manifest of what is measured *on dis
 ``dense``
     ``save_pretrained``'s own safetensors; plain ``from_pretrained`` loads them, with or without this package.
 ``bitmask``
-    every pruned weight in the compressed-tensors ``sparse-bitmask`` layout (``sparse-24-bitmask`` when every rule
-    is 2:4), every other tensor dense, tied weights written once; sharded like ``save_pretrained`` and written
+    every tensor holding a pruned matrix (all of a fused tensor: Phi-3's ``qkv_proj`` when only q/k are pruned) in
+    the compressed-tensors ``sparse-bitmask`` layout (``sparse-24-bitmask`` when every row of those tensors is
+    pruned 2:4), every other tensor dense, tied weights written once; sharded like ``save_pretrained`` and written
     shard by shard (:mod:`.sharded`), reading an offloaded module's weights only while it is written.
     ``from_pretrained`` decompresses it exactly once ``attnprune_opt`` is imported (:mod:`.quantizer`); without
     this package transformers refuses it.
@@ -31,9 +32,9 @@ from ..atomic import atomic_output_dir
 from ..config import PrunerConfig
 from ..errors import ConfigError, UnsupportedArchitectureError
 from ..models.offload import onloaded
-from .folder import compressed_layout, pruned_rule
 from .manifest import FORMATS, RECIPE_NAME
 from .measure import write_manifest
+from .pruned import prune_plan
 from .sharded import quantization_config, write_compressed_safetensors
 
 
@@ -90,16 +91,16 @@ def plain_checkpoint(model: nn.Module) -> Iterator[None]:
 
 
 def _save_compressed(model: nn.Module, folder: Path, config: PrunerConfig, shard_bytes: int) -> None:
-    layout = compressed_layout(config)
+    plan = prune_plan(model.config, config)
+    targets = plan.targets()
     state, names = _unique_state(model)
-    targets = [name.removesuffix(".weight") for name in names if pruned_rule(name, config)]
-    compress = lambda name: pruned_rule(name, config) is not None  # noqa: E731
-    write_compressed_safetensors(_model_tensors(model, state, names), compress, folder, shard_bytes, layout=layout)
+    write_compressed_safetensors(_model_tensors(model, state, names), plan.tensors.__contains__, folder, shard_bytes,
+                                 layout=plan.layout)
     # What save_pretrained writes besides the weights, with our quantization_config.
     model_config = copy.deepcopy(model.config)
     model_config.dtype = str(model.dtype).removeprefix("torch.")
     model_config.architectures = [type(model).__name__]
-    model_config.quantization_config = quantization_config(layout, targets)
+    model_config.quantization_config = quantization_config(plan.layout, targets)
     model_config.save_pretrained(folder)
     if model.can_generate() and getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)

@@ -88,7 +88,9 @@ class Attention(PruningMethod):
     settings = AttentionSettings
     roles = ("q_proj", "k_proj")
     joint = True
-    captures = ("q_proj",)
+
+    def captures(self, rules: dict[str, PruneRule]) -> tuple[str, ...]:
+        return ("q_proj",)
 
     def prune_layer(self, context: LayerContext, rules: dict[str, PruneRule]) -> JointResult:
         xs = context.recorded["q_proj"]

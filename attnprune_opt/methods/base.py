@@ -88,18 +88,21 @@ class JointResult:
 class PruningMethod:
     """One pruning method. ``statistic`` is what a per-matrix method needs recorded of the matrix's input
     (``norms``: column norms; ``hessian``: X^T X; None: nothing); a ``joint`` method prunes its roles of a layer
-    together (:meth:`prune_layer`), once per layer, from the inputs of the roles it ``captures``."""
+    together (:meth:`prune_layer`), once per layer, from the inputs of the roles it :meth:`captures`."""
 
     name: ClassVar[str]
     settings: ClassVar[type[MethodSettings] | None] = None
     roles: ClassVar[tuple[str, ...] | None] = None
     statistic: ClassVar[Literal["norms", "hessian"] | None] = None
     joint: ClassVar[bool] = False
-    captures: ClassVar[tuple[str, ...]] = ()
 
     def prune_matrix(self, weight: Tensor, rule: PruneRule, stats: InputStatistics | None,
                      config: PrunerConfig) -> Tensor:
         raise NotImplementedError(f"method {self.name!r} prunes its matrices jointly")
+
+    def captures(self, rules: dict[str, PruneRule]) -> tuple[str, ...]:
+        """The roles whose inputs a joint method needs from the dense forward pass, given its rules' roles."""
+        return ()
 
     def prune_layer(self, context: LayerContext, rules: dict[str, PruneRule]) -> JointResult:
         raise NotImplementedError(f"method {self.name!r} prunes one matrix at a time")

@@ -23,10 +23,6 @@ from .magnitude import apply_mask
 if TYPE_CHECKING:
     from ..config import PruneRule
 
-#: The role whose module input is each role's input (q, k and v read the attention input; gate and up the MLP's).
-INPUT_ROLE = {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "o_proj": "o_proj",
-              "gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}
-
 
 class LayerSettings(MethodSettings):
     """``pattern``: Wanda's score, or SparseGPT's pattern with its updated weights as the refit's start;
@@ -59,7 +55,11 @@ class Layer(PruningMethod):
     name = "layer"
     settings = LayerSettings
     joint = True
-    captures = ("q_proj", "o_proj", "gate_proj", "down_proj")
+
+    def captures(self, rules: dict[str, PruneRule]) -> tuple[str, ...]:
+        """Every pruned role's input (its pattern's statistics; v's is the attention input, o's and down's give
+        the sub-blocks' dense outputs), and the attention input for q/k's refit."""
+        return tuple(dict.fromkeys((*rules, *(("q_proj",) if "k_proj" in rules else ()))))
 
     def prune_layer(self, context: LayerContext, rules: dict[str, PruneRule]) -> JointResult:
         if context.world.size > 1:
@@ -83,7 +83,7 @@ class Layer(PruningMethod):
         if settings.refit_iterations and {"v_proj", "o_proj"} <= set(rules):
             weights.update(self._refit_attention_output(context, dense, keep, weights, spec, adam, settings,
                                                         errors))
-        if settings.refit_iterations and {"gate_proj", "up_proj", "down_proj"} <= set(rules):
+        if settings.refit_iterations and {"gate_proj", "up_proj", "down_proj"} <= set(rules):  # gated MLPs
             context.write({role: weights[role] for role in ("q_proj", "k_proj", "v_proj", "o_proj")
                            if role in weights})
             weights.update(self._refit_mlp(context, dense, keep, weights, adam, settings, errors))
@@ -93,15 +93,18 @@ class Layer(PruningMethod):
     def _patterns(context: LayerContext, rules: dict[str, PruneRule], dense: dict[str, Tensor],
                   settings: LayerSettings) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Each role's keep-mask and start weights (dense for Wanda, SparseGPT's update for its pattern)."""
-        stats = {}
-        for source in dict.fromkeys(INPUT_ROLE[role] for role in rules):
-            xs = context.recorded[source]
-            stats[source] = InputStatistics(xs[0].shape[-1], hessian=settings.pattern == "sparsegpt")
-            for x in xs:
-                stats[source].update(x)
+        stats = {}  # matrices reading one module's input share its statistics
+        for role in rules:
+            xs = context.recorded[role]
+            key = (xs[0].data_ptr(), tuple(xs[0].shape))
+            if key not in stats:
+                stats[key] = InputStatistics(xs[0].shape[-1], hessian=settings.pattern == "sparsegpt")
+                for x in xs:
+                    stats[key].update(x)
         keep, start = {}, {}
         for role, rule in rules.items():
-            st = stats[INPUT_ROLE[role]]
+            first = context.recorded[role][0]
+            st = stats[(first.data_ptr(), tuple(first.shape))]
             if settings.pattern == "sparsegpt":
                 sg = context.config.sparsegpt
                 start[role], keep[role] = sparsegpt(dense[role], st.hessian, rule.sparsity, n_m=rule.n_m,
@@ -116,7 +119,7 @@ class Layer(PruningMethod):
                                 weights: dict[str, Tensor], spec, adam: AdamConfig, settings: LayerSettings,
                                 errors: dict[str, float]) -> dict[str, Tensor]:
         """v/o against the dense attention sub-block's output, with the probabilities of the pruned q/k."""
-        x = batches_by_length(context.recorded["q_proj"])
+        x = batches_by_length(context.recorded["v_proj"])
         q = weights.get("q_proj", context.matrix("q_proj").to(SOLVE_DTYPE))
         k = weights.get("k_proj", context.matrix("k_proj").to(SOLVE_DTYPE))
         probs = [multihead_attention_probs(batch, q, k, spec) for batch in x]
@@ -138,7 +141,7 @@ class Layer(PruningMethod):
                    weights: dict[str, Tensor], adam: AdamConfig, settings: LayerSettings,
                    errors: dict[str, float]) -> dict[str, Tensor]:
         """gate/up/down against the dense MLP's output, on the MLP inputs the pruned attention gives."""
-        x = batches_by_length(context.record(("gate_proj",))["gate_proj"])
+        x = batches_by_length(context.record(("up_proj",))["up_proj"])
         targets = [h @ dense["down_proj"].T for h in batches_by_length(context.recorded["down_proj"])]
         names = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
         objective = MLPObjective(x, {n: dense[r] for n, r in names.items()}, {n: keep[r] for n, r in names.items()},

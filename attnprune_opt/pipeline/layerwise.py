@@ -108,7 +108,7 @@ def check_config_fits(config: PrunerConfig, adapter: DecoderAdapter, model: nn.M
     for i, rule in enumerate(config.rules):
         if not method(rule.method).joint:
             continue
-        needs = {*rule.modules, *method(rule.method).captures}
+        needs = {*rule.modules, *method(rule.method).captures(dict.fromkeys(rule.modules, rule))}
         for index in indices:  # a joint method sees one matrix per role; experts are several
             counts = Counter(p.role for p in adapter.prunables(index) if p.role in needs)
             if several := sorted(role for role, n in counts.items() if n > 1):
@@ -178,8 +178,8 @@ def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: 
     def inputs_of(prunables: list[Prunable]) -> list[str]:
         return list(dict.fromkeys(adapter.input_key(p) for p in prunables))
 
-    captures = {role: adapter.input_key(adapter.prunable(index, role))
-                for name in joint for role in method(name).captures}
+    captured = dict.fromkeys(role for name, roles in joint.items() for role in method(name).captures(roles))
+    captures = {role: adapter.input_key(adapter.prunable(index, role)) for role in captured}
     hessian = inputs_of([p for p, r in targets.items() if method(r.method).statistic == "hessian"])
     norms = inputs_of([p for p, r in targets.items() if method(r.method).statistic == "norms"])
     with record_matrix_inputs(adapter, index, layer, keep=list(dict.fromkeys(captures.values())), hessian=hessian,
