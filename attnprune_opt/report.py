@@ -62,6 +62,9 @@ class PruneReport:
             sparsities = " | ".join(f"{layer.modules[m].sparsity:.3f}" if m in layer.modules else "–"
                                     for m in self._module_names())
             lines.append(f"| {layer.index} | {error} | {sparsities} | {layer.seconds:.1f} |")
+        uncalibrated = [f"{layer.index}:{label}" for layer in self.layers for label in layer.uncalibrated]
+        if uncalibrated:
+            lines += ["", "Pruned by magnitude, no calibration token routed to them: " + ", ".join(uncalibrated)]
         errors = self.attention_errors()
         if errors:
             lines += ["", f"Mean attention error on calibration data: pattern {errors['mask']:.4f}, "

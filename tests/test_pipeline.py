@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-from accelerate import cpu_offload
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
@@ -19,16 +18,16 @@ from attnprune_opt.errors import (
     UnsupportedArchitectureError,
 )
 from attnprune_opt.models.registry import get_adapter, supported_model_types
-from tiny_models import QK_ONLY, WHOLE_MODEL, assert_adapter_recomputes_attention, calibration, tiny_model
+from tiny_models import (
+    QK_ONLY,
+    WHOLE_MODEL,
+    assert_adapter_recomputes_attention,
+    assert_offload_is_bit_identical,
+    calibration,
+    tiny_model,
+)
 
 KINDS = ["llama", "mistral", "qwen2"]
-
-
-def saved_tensors(folder) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -97,33 +96,12 @@ def test_same_seed_gives_bit_identical_masks():
 def test_no_offload_cpu_offload_and_disk_offload_are_bit_identical(tmp_path):
     tiny_model("llama", layers=3).save_pretrained(tmp_path / "dense")
     original = load_file(tmp_path / "dense" / "model.safetensors")
-    results = {}
-
-    def prune_and_save(name, model):
-        pruner = AttentionPruner(**WHOLE_MODEL)
-        pruner.prune_model(model, calibration=calibration(), progress=False)
-        pruner.save(model, tmp_path / name)
-        results[name] = saved_tensors(tmp_path / name)
-
-    prune_and_save("plain", AutoModelForCausalLM.from_pretrained(tmp_path / "dense", attn_implementation="eager"))
-    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", attn_implementation="eager")
-    cpu_offload(offloaded, execution_device=torch.device("cpu"))
-    assert offloaded.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
-    prune_and_save("cpu_offload", offloaded)
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
                   "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    on_disk = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", attn_implementation="eager",
-                                                   device_map=device_map, offload_folder=tmp_path / "offload")
-    assert on_disk.model.layers[2].mlp.down_proj.weight.device.type == "meta"
-    prune_and_save("disk_offload", on_disk)
-
-    for name in ("cpu_offload", "disk_offload"):
-        assert results[name].keys() == results["plain"].keys()
-        for key, tensor in results["plain"].items():
-            assert torch.equal(results[name][key], tensor), (name, key)
+    plain = assert_offload_is_bit_identical(tmp_path / "dense", tmp_path, WHOLE_MODEL, device_map)
     after = load_file(tmp_path / "dense" / "model.safetensors")  # the user's checkpoint is never written
     assert all(torch.equal(after[key], tensor) for key, tensor in original.items())
-    pruned_q = results["plain"]["model.layers.2.self_attn.q_proj.weight"]
+    pruned_q = plain["model.layers.2.self_attn.q_proj.weight"]
     assert (pruned_q == 0).float().mean() == 0.5
     assert not torch.equal(pruned_q, original["model.layers.2.self_attn.q_proj.weight"])
 

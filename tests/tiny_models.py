@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+from accelerate import cpu_offload
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from attnprune_opt.core import multihead_attention_probs
@@ -63,6 +65,47 @@ def assert_adapter_recomputes_attention(model, ids: torch.Tensor, atol: float) -
                                               spec)
             assert torch.allclose(probs, reference[index], atol=atol, rtol=0), f"layer {index}"
             inputs = outputs
+
+
+def saved_tensors(folder) -> dict[str, torch.Tensor]:
+    return {name: tensor for file in sorted(folder.glob("*.safetensors")) for name, tensor in load_file(file).items()}
+
+
+def assert_offload_is_bit_identical(folder, out, config: dict, device_map: dict,
+                                    snapshot=None) -> dict[str, torch.Tensor]:
+    """Prune the model saved in ``folder`` with ``AttentionPruner(**config)`` in memory, under accelerate's
+    cpu_offload, and dispatched by ``device_map`` (with disk offload); the three results must be bit-identical:
+    the saved outputs (under ``out``), or ``snapshot(model)`` (name -> tensor) when given. Returns the in-memory
+    run's."""
+    from attnprune_opt import AttentionPruner
+
+    results = {}
+
+    def prune_and_save(name, model):
+        pruner = AttentionPruner(**config)
+        pruner.prune_model(model, calibration=calibration(), progress=False)
+        if snapshot is not None:
+            results[name] = snapshot(model)
+            return
+        pruner.save(model, out / name)
+        results[name] = saved_tensors(out / name)
+
+    prune_and_save("plain", AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager"))
+    offloaded = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
+    cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    assert all(p.device.type == "meta" for p in offloaded.model.layers.parameters())
+    prune_and_save("cpu_offload", offloaded)
+    on_disk = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", device_map=device_map,
+                                                   offload_folder=out / "offload")
+    disk_layers = [int(name.rpartition(".")[2]) for name, where in device_map.items() if where == "disk"]
+    assert disk_layers and all(p.device.type == "meta" for i in disk_layers
+                               for p in on_disk.model.layers[i].parameters())
+    prune_and_save("disk_offload", on_disk)
+    for name in ("cpu_offload", "disk_offload"):
+        assert results[name].keys() == results["plain"].keys()
+        for key, tensor in results["plain"].items():
+            assert torch.equal(results[name][key], tensor), (name, key)
+    return results["plain"]
 
 
 def save_tiny_model_folder(folder, **config) -> None:

@@ -122,9 +122,18 @@ class DecoderAdapter:
             return window if layer_types[index] == "sliding_attention" else None
         return window
 
+    def input_key(self, prunable: Prunable) -> str:
+        """Names the input ``prunable`` multiplies: matrices with one key share their calibration statistics."""
+        return prunable.module
+
     # -- the model ----------------------------------------------------------------------------------------------
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers_path)
+
+    def matrix_input(self, layer: nn.Module, prunable: Prunable, args: tuple) -> Tensor:
+        """The rows ``prunable`` multiplies, from the positional arguments of a call of its module: the module's
+        input for a linear; a mixture-of-experts family selects the tokens routed to the matrix's expert."""
+        return args[0]
 
     def attention_spec(self, layer: nn.Module, index: int, layer_kwargs: dict) -> AttentionSpec:
         """What layer ``index``'s attention computes besides the q/k weights, for one captured sequence's
@@ -156,11 +165,14 @@ class DecoderAdapter:
 
     @staticmethod
     def bias(layer: nn.Module, prunable: Prunable) -> Tensor | None:
-        bias = getattr(layer.get_submodule(prunable.module), "bias", None)
+        module = layer.get_submodule(prunable.module)
+        with onloaded(module):
+            bias = getattr(module, "bias", None)
+            bias = None if bias is None else bias.detach().clone()
         if bias is None:
             return None
         index = prunable.row_index(bias.device)
-        return bias.detach() if index is None else bias.detach().index_select(0, index)
+        return bias if index is None else bias.index_select(0, index)
 
 
 def read_matrix(layer: nn.Module, prunable: Prunable) -> torch.Tensor:

@@ -3,14 +3,16 @@ passes to each layer (position embeddings, masks, position ids), and the inputs 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from ..core import InputStatistics
+from ..models.base import DecoderAdapter, Prunable
 from ..models.offload import input_device
 
 
@@ -92,38 +94,60 @@ def run_layer(layer: nn.Module, inputs: Sequence[LayerInput]) -> list[LayerInput
 
 @dataclass
 class Recorded:
-    """Inputs seen by linears during a layer forward: full tensors for ``keep`` modules, statistics for others."""
+    """Inputs seen by linears during a layer forward: full tensors for ``keep`` names, statistics for others."""
 
     tensors: dict[str, list[Tensor]]
     stats: dict[str, InputStatistics]
 
 
+def first_argument(args: tuple) -> Tensor:
+    return args[0]
+
+
 @contextmanager
-def record_linear_inputs(linears: dict[str, nn.Linear], keep: Sequence[str] = (),
-                         hessian: Sequence[str] = (), norms: Sequence[str] = ()) -> Iterator[Recorded]:
-    """While active, forward passes record the input of each named linear: kept whole (``keep``), as X^T X
-    (``hessian``, SparseGPT) or as column norms only (``norms``, Wanda)."""
+def record_linear_inputs(modules: dict[str, nn.Module], keep: Sequence[str] = (), hessian: Sequence[str] = (),
+                         norms: Sequence[str] = (),
+                         select: Mapping[str, Callable[[tuple], Tensor]] | None = None) -> Iterator[Recorded]:
+    """While active, forward passes record for each name the input of ``modules[name]`` (``select[name]`` picks it
+    from the call's positional arguments; default: the first): kept whole (``keep``), as X^T X (``hessian``,
+    SparseGPT) or as column norms only (``norms``, Wanda). Statistics exist once a call was seen, with
+    ``tokens == 0`` if no row reached the name."""
     recorded = Recorded({name: [] for name in keep}, {})
-    for name in (*hessian, *norms):
-        recorded.stats[name] = InputStatistics(linears[name].in_features, hessian=name in hessian)
+    select = select or {}
     handles = []
 
     def make_hook(name: str):
+        pick = select.get(name, first_argument)
+
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
+            x = pick(args).detach()
             if name in recorded.tensors:
                 recorded.tensors[name].append(x)
-            if name in recorded.stats:
+            if name in hessian or name in norms:
+                if name not in recorded.stats:
+                    recorded.stats[name] = InputStatistics(x.shape[-1], hessian=name in hessian)
                 recorded.stats[name].update(x)
         return hook
 
-    for name in {*keep, *recorded.stats}:
-        handles.append(linears[name].register_forward_pre_hook(make_hook(name)))
+    for name in dict.fromkeys((*keep, *hessian, *norms)):
+        handles.append(modules[name].register_forward_pre_hook(make_hook(name)))
     try:
         yield recorded
     finally:
         for handle in handles:
             handle.remove()
+
+
+def record_matrix_inputs(adapter: DecoderAdapter, index: int, layer: nn.Module, keep: Sequence[str] = (),
+                         hessian: Sequence[str] = (), norms: Sequence[str] = ()) -> AbstractContextManager[Recorded]:
+    """:func:`record_linear_inputs` by the adapter's input keys (``adapter.input_key``) of layer ``index``: each
+    key records what its matrices multiply (``adapter.matrix_input``), e.g. only the tokens routed to an expert."""
+    sources: dict[str, Prunable] = {}
+    for prunable in adapter.prunables(index):
+        sources.setdefault(adapter.input_key(prunable), prunable)
+    return record_linear_inputs({key: layer.get_submodule(p.module) for key, p in sources.items()}, keep=keep,
+                                hessian=hessian, norms=norms,
+                                select={key: partial(adapter.matrix_input, layer, p) for key, p in sources.items()})
 
 
 def check_finite(tensors: Sequence[Tensor]) -> bool:

@@ -1,7 +1,8 @@
 """The layer loop: one decoder layer at a time, calibrate, prune, write back, and feed the next layer.
 
 Per layer: (1) a forward of the dense layer records the inputs of every targeted matrix (whole tensors for the
-method's q/k, X^T X or column norms for the linear baselines); (2) q_proj/k_proj are solved with the method and
+method's q/k, X^T X or column norms for the linear baselines; the adapter picks each matrix's input, e.g. the
+tokens routed to one expert); (2) q_proj/k_proj are solved with the method and
 the other targets pruned with their rule's linear method (the layer's adapter says where each matrix lives); (3) the weights are written back, through the offload
 index when the layer is offloaded; (4) the pruned layer's outputs become the next layer's inputs
 (``propagate="pruned"``, as SparseGPT and Wanda do) or the dense outputs of step 1 do (``"dense"``).
@@ -9,11 +10,13 @@ index when the layer is offloaded; (4) the pruned layer's outputs become the nex
 
 from __future__ import annotations
 
+import logging
 import resource
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,9 +27,11 @@ from ..config import PrunerConfig, PruneRule
 from ..core.objective import SequenceCatalog
 from ..distributed import SINGLE, World
 from ..errors import CalibrationDataError, ConfigError, NonFiniteWeightsError
-from ..models.base import DecoderAdapter, read_matrix
 from ..methods.base import LayerContext, method
-from .capture import LayerInput, check_finite, record_linear_inputs, run_layer
+from ..models.base import DecoderAdapter, Prunable, read_matrix, write_matrices
+from .capture import LayerInput, check_finite, record_matrix_inputs, run_layer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,6 +61,7 @@ class LayerReport:
     index: int
     modules: dict[str, ModuleReport] = field(default_factory=dict)
     attention: AttentionReport | None = None
+    uncalibrated: list[str] = field(default_factory=list)  # matrices no calibration token reached: magnitude
     refit_errors: dict[str, float] = field(default_factory=dict)  # sub-block errors before/after a layer refit
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
@@ -99,14 +105,26 @@ def check_config_fits(config: PrunerConfig, adapter: DecoderAdapter, model: nn.M
         if missing:
             raise ConfigError(f"rules.{i}.modules: {', '.join(missing)} not in {adapter.config.model_type} layers, "
                               f"whose prunable matrices are {', '.join(roles)}")
+    for i, rule in enumerate(config.rules):
+        if not method(rule.method).joint:
+            continue
+        needs = {*rule.modules, *method(rule.method).captures(dict.fromkeys(rule.modules, rule))}
+        for index in indices:  # a joint method sees one matrix per role; experts are several
+            counts = Counter(p.role for p in adapter.prunables(index) if p.role in needs)
+            if several := sorted(role for role, n in counts.items() if n > 1):
+                raise ConfigError(f"rules.{i}.method: {rule.method!r} takes one matrix per role, but layer {index} "
+                                  f"of this {adapter.config.model_type} model has several {', '.join(several)} "
+                                  "(one per expert); prune them with a per-matrix method")
     for rule in config.rules:
         if rule.n_m is None:
             continue
-        for module in rule.modules:
-            in_features = read_matrix(layers[indices[0]], adapter.prunable(indices[0], module)).shape[1]
-            if in_features % rule.n_m[1]:
-                raise ConfigError(f"structure {rule.structure} does not divide the input size {in_features} of "
-                                  f"{module}")
+        for index in indices:  # layers may differ (a dense MLP among expert MLPs of another width)
+            for p in adapter.prunables(index):
+                # The shape only: an offloaded parameter is on the meta device.
+                in_features = getattr(layers[index].get_submodule(p.module), p.parameter).shape[-1]
+                if p.role in rule.modules and in_features % rule.n_m[1]:
+                    raise ConfigError(f"structure {rule.structure} does not divide the input size {in_features} "
+                                      f"of {adapter.layer_prefix(index)}.{p.label}")
 
 
 def prune_layers(
@@ -148,26 +166,24 @@ def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: 
                  config: PrunerConfig, world: World,
                  catalog: SequenceCatalog | None) -> tuple[LayerReport, list[LayerInput]]:
     start = time.perf_counter()
-    prunables = {p.role: p for p in adapter.prunables(index)}
-    rules = {role: rule for role in prunables if (rule := config.rule_for(role)) is not None}
-    for role in rules:
-        matrix = read_matrix(layer, prunables[role])
-        if not torch.isfinite(matrix).all():
-            raise NonFiniteWeightsError(f"{adapter.layer_prefix(index)}.{prunables[role].label} contains NaN or "
-                                        "infinity")
+    targets = {p: rule for p in adapter.prunables(index) if (rule := config.rule_for(p.role)) is not None}
+    for prunable in targets:
+        if not torch.isfinite(read_matrix(layer, prunable)).all():
+            raise NonFiniteWeightsError(f"{adapter.layer_prefix(index)}.{prunable.label} contains NaN or infinity")
     joint: dict[str, dict[str, PruneRule]] = {}  # joint method -> its roles' rules, in rule order
-    for role, rule in rules.items():
+    for prunable, rule in targets.items():
         if method(rule.method).joint:
-            joint.setdefault(rule.method, {})[role] = rule
+            joint.setdefault(rule.method, {})[prunable.role] = rule
 
-    def inputs_of(roles) -> list[str]:
-        return list(dict.fromkeys(prunables[role].module for role in roles))
+    def inputs_of(prunables: list[Prunable]) -> list[str]:
+        return list(dict.fromkeys(adapter.input_key(p) for p in prunables))
 
-    captures = list(dict.fromkeys(role for name, roles in joint.items() for role in method(name).captures(roles)))
-    modules = {p.module: layer.get_submodule(p.module) for p in prunables.values()}
-    hessian = inputs_of([m for m, r in rules.items() if method(r.method).statistic == "hessian"])
-    norms = inputs_of([m for m, r in rules.items() if method(r.method).statistic == "norms"])
-    with record_linear_inputs(modules, keep=inputs_of(captures), hessian=hessian, norms=norms) as recorded:
+    captured = dict.fromkeys(role for name, roles in joint.items() for role in method(name).captures(roles))
+    captures = {role: adapter.input_key(adapter.prunable(index, role)) for role in captured}
+    hessian = inputs_of([p for p, r in targets.items() if method(r.method).statistic == "hessian"])
+    norms = inputs_of([p for p, r in targets.items() if method(r.method).statistic == "norms"])
+    with record_matrix_inputs(adapter, index, layer, keep=list(dict.fromkeys(captures.values())), hessian=hessian,
+                              norms=norms) as recorded:
         dense_outputs = run_layer(layer, inputs)
     if not check_finite([o.hidden for o in dense_outputs]):
         raise NonFiniteWeightsError(f"layer {index} produced NaN or infinite activations on the calibration data")
@@ -175,10 +191,11 @@ def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: 
         for tensor in (stats.hessian, stats.squared_norms):
             if tensor is not None:
                 world.sum(tensor)
+        stats.tokens = int(world.total(stats.tokens))
 
     report = LayerReport(index)
     context = LayerContext(adapter, index, layer, inputs, config, world, catalog, layer_seed(config.seed, index),
-                           {role: recorded.tensors[prunables[role].module] for role in captures})
+                           {role: recorded.tensors[key] for role, key in captures.items()})
     for name, joint_rules in joint.items():
         result = method(name).prune_layer(context, joint_rules)
         # every rank computed these from the same sums; rank 0's are kept
@@ -189,17 +206,26 @@ def _prune_layer(adapter: DecoderAdapter, index: int, layer: nn.Module, inputs: 
                                                attention.descent_iterations, attention.refit_kept,
                                                attention.seconds)
         report.refit_errors.update(result.errors)
-    pruned: dict[str, torch.Tensor] = {}
-    for i, (role, rule) in enumerate((r, rule) for r, rule in rules.items() if not method(rule.method).joint):
-        weight = read_matrix(layer, prunables[role])
+    pruned: dict[Prunable, torch.Tensor] = {}
+    linear = [(p, rule) for p, rule in targets.items() if not method(rule.method).joint]
+    for i, (prunable, rule) in enumerate(linear):
+        weight = read_matrix(layer, prunable)
+        chosen = method(rule.method)
+        stats = recorded.stats.get(adapter.input_key(prunable))
+        if stats is not None and stats.tokens == 0:
+            # Only a routed input (a mixture-of-experts expert) can miss every calibration token.
+            logger.warning("%s.%s received no calibration token; pruned by magnitude",
+                           adapter.layer_prefix(index), prunable.label)
+            report.uncalibrated.append(prunable.label)
+            chosen = method("magnitude")
         owner = i % world.size  # the matrices are shared out between ranks
         if world.rank == owner:
-            stats = recorded.stats.get(prunables[role].module)
-            weight = method(rule.method).prune_matrix(weight, rule, stats, config).to(weight.dtype)
-        pruned[role] = world.broadcast(weight.contiguous(), owner)
-    context.write(pruned)
-    for role, rule in rules.items():
-        report.modules[role] = _measure(read_matrix(layer, prunables[role]), rule)
+            weight = chosen.prune_matrix(weight, rule, stats, config).to(weight.dtype)
+        pruned[prunable] = world.broadcast(weight.contiguous(), owner)
+    write_matrices(layer, pruned)
+    for prunable, rule in targets.items():
+        measured = _measure(read_matrix(layer, prunable), rule)
+        report.modules[prunable.role] = _combine(report.modules.get(prunable.role), measured)
     report.seconds = time.perf_counter() - start
     return report, dense_outputs
 
@@ -213,3 +239,11 @@ def _measure(weight: torch.Tensor, rule: PruneRule) -> ModuleReport:
     zeros = int((weight == 0).sum())
     return ModuleReport(rule.method, rule.structure, float(rule.sparsity), zeros / weight.numel(), zeros,
                         weight.numel())
+
+
+def _combine(total: ModuleReport | None, part: ModuleReport) -> ModuleReport:
+    """One role's figures over all its matrices in a layer (one per expert in mixture-of-experts MLPs)."""
+    if total is None:
+        return part
+    zeros, numel = total.zeros + part.zeros, total.numel + part.numel
+    return replace(total, sparsity=zeros / numel, zeros=zeros, numel=numel)

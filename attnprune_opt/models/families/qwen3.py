@@ -14,6 +14,7 @@ from torch import nn
 
 from ...core import AttentionSpec, RMSNormSpec
 from ..base import DecoderAdapter
+from ..offload import onloaded
 from ..registry import register
 from .llama import LLAMA_MODULES
 
@@ -30,8 +31,11 @@ class QKNormAdapter(DecoderAdapter):
                        k_norm=self.norm_spec(attention.k_norm))
 
     def norm_spec(self, norm: nn.Module) -> RMSNormSpec:
-        """The norm as its module applies it: y = x / rms(x) * weight, with the module's own epsilon."""
-        return RMSNormSpec(norm.weight.detach(), float(norm.variance_epsilon), per_head=self.qk_norm_per_head)
+        """The norm as its module applies it: y = x / rms(x) * weight, with the module's own epsilon (the weight
+        read through accelerate's offload hooks)."""
+        with onloaded(norm):
+            weight = norm.weight.detach().clone()
+        return RMSNormSpec(weight, float(norm.variance_epsilon), per_head=self.qk_norm_per_head)
 
 
 @register
