@@ -121,12 +121,13 @@ def assert_prunes_to_exact_sparsity(model, config: dict) -> AttentionPruner:
     return pruner
 
 
-def assert_save_and_load_are_bit_exact(model, pruner: AttentionPruner, out: Path) -> None:
+def assert_save_and_load_are_bit_exact(model, pruner: AttentionPruner, out: Path,
+                                       formats: tuple[str, ...] = ("dense", "bitmask")) -> None:
     """Saved dense and as bitmasks, loaded by load_pruned_model and by plain from_pretrained: every tensor equals
     the pruned model's bit for bit, and so do the logits."""
     ids = calibration(seed=5)[0]
     expected = logits(model, ids)
-    for format in ("dense", "bitmask"):
+    for format in formats:
         folder = pruner.save(model, out / format, format=format)
         for loaded in (load_pruned_model(folder, attn_implementation="eager"),
                        AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")):

@@ -21,6 +21,7 @@ from family_checks import (
     assert_adapter_attention_is_exact,
     assert_prunes_to_exact_sparsity,
     assert_recipe_prunes_and_round_trips,
+    assert_save_and_load_are_bit_exact,
     tiny_family_model,
 )
 from tiny_models import VOCAB, assert_offload_is_bit_identical, calibration
@@ -113,8 +114,15 @@ def test_qk_recipes_prune_exactly_and_save_load_is_bit_exact(kind, name, tmp_pat
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_whole_model_recipe_prunes_every_expert_matrix_exactly(kind):
-    assert_prunes_to_exact_sparsity(tiny_moe(kind), RECIPES["whole"])
+def test_whole_model_recipe_prunes_every_expert_matrix_exactly_and_saves_dense_bit_exactly(kind, tmp_path):
+    """Stacked expert weights are saved stacked (dense format) and load back bit for bit; the bitmask format, which
+    stores 2-D matrices, refuses them by name before writing anything."""
+    model = tiny_moe(kind)
+    pruner = assert_prunes_to_exact_sparsity(model, RECIPES["whole"])
+    assert_save_and_load_are_bit_exact(model, pruner, tmp_path, formats=("dense",))
+    with pytest.raises(ConfigError, match=r"stores 2-D '\.weight' tensors only, not model\.layers\.0\.mlp\.experts"):
+        pruner.save(model, tmp_path / "bitmask", format="bitmask")
+    assert not (tmp_path / "bitmask").exists()
 
 
 @pytest.mark.parametrize("kind", KINDS)

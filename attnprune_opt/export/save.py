@@ -47,7 +47,8 @@ def save_pruned(model: nn.Module, out_dir: str | Path, *, config: PrunerConfig, 
     with atomic_output_dir(out_dir, overwrite) as tmp:
         with plain_checkpoint(model):
             if format == "dense":
-                model.save_pretrained(tmp, max_shard_size=max_shard_size)
+                # stacked expert weights stay stacked, under the names the pruned model and the manifest use
+                model.save_pretrained(tmp, max_shard_size=max_shard_size, save_original_format=False)
             else:
                 _save_compressed(model, tmp, config, max_bytes)
         if tokenizer is not None:
