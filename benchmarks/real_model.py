@@ -141,7 +141,7 @@ def markdown(records: list[dict]) -> str:
         lines.append(f"| {r['config']} | {r['method']} | {sparsity} | "
                      f"{r['wikitext2_ppl']:.2f} | {r['c4_ppl']:.2f} | {r['attention_error']:.4f} | {accuracies}"
                      f"{seconds} | {cpu} | {rss} |")
-    lines += ["", _ratios(records, dense)] if dense else []
+    lines += ["", _ratios(records, dense)]
     return "\n".join(lines)
 
 
@@ -152,11 +152,11 @@ def _accuracy(record: dict, task: str) -> str:
     return f"{acc:.3f} ± {stderr:.3f} | " if stderr is not None else f"{acc:.3f} | "
 
 
-def _ratios(records: list[dict], dense: dict) -> str:
-    """The issue's targets, as ratios measured in this run."""
+def _ratios(records: list[dict], dense: dict | None) -> str:
+    """The issues' targets, as ratios measured in this run (the q/k rows need the dense row)."""
     out = ["| config | attention error ÷ best baseline | ppl increase ÷ best baseline's (WikiText-2, C4) | "
            "prune time ÷ SparseGPT's (wall, CPU) |", "|---|---|---|---|"]
-    for config in dict.fromkeys(r["config"] for r in records if r["config"] not in ("dense", *WHOLE_TARGETS)):
+    for config in dict.fromkeys(r["config"] for r in records if dense and r["config"] not in ("dense", *WHOLE_TARGETS)):
         group = {r["method"]: r for r in records if r["config"] == config}
         ours = group.get("attention")
         baselines = [group[m] for m in ("wanda", "sparsegpt") if m in group]
@@ -179,7 +179,7 @@ def _ratios(records: list[dict], dense: dict) -> str:
         ratios = [ours[key] / min(group["wanda"][key], group["sparsegpt"][key]) for key in ("wikitext2_ppl", "c4_ppl")]
         whole.append(f"| {config} | {', '.join(f'{r:.3f}' for r in ratios)} | ≤ {target} | "
                      f"{_time_ratio(ours, group['sparsegpt'])} | ≤ 3 |")
-    return "\n".join(out + (whole if len(whole) > 4 else []))
+    return "\n".join((out if len(out) > 2 else []) + (whole if len(whole) > 4 else []))
 
 
 def _time_ratio(ours: dict, baseline: dict) -> str:
