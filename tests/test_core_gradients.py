@@ -13,6 +13,7 @@ from attnprune_opt.core import (
     attention_matrix,
     multihead_attention_probs,
 )
+from attnprune_opt.core.objective import SequenceCatalog, select_rows
 
 TOL = 1e-8
 F64 = torch.float64
@@ -184,7 +185,7 @@ def test_sampled_rows_value_and_gradient_match_autograd(causal, gen):
 
     loss = 0.0
     for part in sample.parts:
-        x = objective.batches[part.batch][part.sequences]
+        x = select_rows(objective.batches[part.batch], part, None)
         probs = multihead_attention_probs(x, wq, wk, AttentionSpec(**common))[:, :, part.rows]
         target = multihead_attention_probs(x, objective.q_weight, objective.k_weight, AttentionSpec(**common))[:, :, part.rows]
         loss = loss + part.weight * 0.5 * (probs - target).pow(2).sum()
@@ -208,3 +209,61 @@ def test_sampled_gradient_is_an_unbiased_estimate(gen):
     assert abs(whole[0] - full_value) <= 1e-12 * full_value and rel(whole[1], full_q) < 1e-12
     assert abs(sum(d[0] for d in draws) / len(draws) - full_value) < 0.05 * full_value
     assert rel(mean_q, full_q) < 0.1 and rel(mean_k, full_k) < 0.1
+
+
+class _RecordedSums:
+    """A stand-in for the all-reduce: records one process's local sums and returns them unchanged."""
+
+    def __init__(self) -> None:
+        self.sums: list[torch.Tensor] = []
+
+    def __call__(self, sums: torch.Tensor) -> torch.Tensor:
+        self.sums.append(sums.clone())
+        return sums
+
+
+class _AddRecorded:
+    """The all-reduce of the other process: adds the sums it recorded, call by call."""
+
+    def __init__(self, recorded: _RecordedSums) -> None:
+        self.sums = iter(recorded.sums)
+
+    def __call__(self, sums: torch.Tensor) -> torch.Tensor:
+        return sums.add_(next(self.sums))
+
+
+def test_two_processes_sum_to_the_one_process_objective_bit_for_bit(gen):
+    """Sequences split every other one between two processes (one per batch, float32 as in the pipeline): loss,
+    gradient (exact and sampled) and error, summed over the processes, are the single process's exactly."""
+    head_dim, d, lengths = 4, 12, (9, 6, 9, 7, 9, 6)
+    xs = [torch.randn(1, n, d, generator=gen) * (1 + i) for i, n in enumerate(lengths)]
+    wq, wk = torch.randn(4 * head_dim, d, generator=gen), torch.randn(2 * head_dim, d, generator=gen)
+    cos, sin = (t.float() for t in rope_tables(9, head_dim))
+    spec = AttentionSpec(head_dim=head_dim, cos=cos, sin=sin)
+
+    def objective(mine, reduce=None):
+        batches = [xs[i] for i in sorted(mine, key=lambda i: (lengths[i], i))]
+        extra = {} if reduce is None else {"reduce": reduce}
+        return FactoredAttentionObjective(batches, wq, wk, spec, lam=0.1,
+                                          catalog=SequenceCatalog.of(lengths, mine), **extra)
+
+    def figures(objective):
+        q, k = wq * 0.9, wk * 1.1
+        sampled = objective.sample(0.5, 0.5, torch.Generator().manual_seed(1))
+        return (objective.weight_loss_and_grad(q, k), objective.weight_loss_and_grad(q, k, sampled),
+                objective.squared_error(q, k), objective.target_energy,
+                objective.loss_and_grad(objective.initial_params()))
+
+    recorded = _RecordedSums()
+    figures(objective(range(1, 6, 2), recorded))
+    two = figures(objective(range(0, 6, 2), _AddRecorded(recorded)))
+    one = figures(objective(range(6)))
+    flat = [torch.as_tensor(t) for item in (one, two) for t in _leaves(item)]
+    assert all(torch.equal(a, b) for a, b in zip(flat[:len(flat) // 2], flat[len(flat) // 2:]))
+    assert one[1][0] != one[0][0]  # the sample is a real subset
+
+
+def _leaves(item):
+    if isinstance(item, (tuple, list)):
+        return [leaf for sub in item for leaf in _leaves(sub)]
+    return [item]

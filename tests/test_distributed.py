@@ -20,7 +20,8 @@ def run(out: Path, *extra: str, ranks: int | None = None) -> subprocess.Complete
     script = [str(HERE / "distributed_prune.py"), str(out), "dense", *extra]
     command = ([str(TORCHRUN), "--standalone", "--nproc-per-node", str(ranks)] if ranks else
                [sys.executable]) + script
-    env = {**os.environ, "ATTNPRUNE_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "ATTNPRUNE_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     return subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -37,9 +38,10 @@ def test_two_ranks_give_the_single_process_weights(single, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     one, two = load_file(single / "model.safetensors"), load_file(out / "model.safetensors")
     assert one.keys() == two.keys()
-    for name in one:  # summation order differs between 1 and 2 processes; nothing else may
-        assert torch.equal(one[name] == 0, two[name] == 0), name
-        assert torch.allclose(one[name], two[name], rtol=1e-5, atol=1e-6), name
+    # every sum over sequences adds each sequence's own float32 terms exactly in float64 (distributed.py): the
+    # weights are the single process's bit for bit, not merely within float32 summation tolerance
+    different = [name for name in one if not torch.equal(one[name], two[name])]
+    assert different == []
     manifest = json.loads((out / "attnprune_manifest.json").read_text())
     assert manifest["report"]["world_size"] == 2
     assert json.loads((single / "attnprune_manifest.json").read_text())["report"]["world_size"] == 1

@@ -21,7 +21,12 @@ from .masks import Group, check_n_m, keep_top, n_m_mask, prune_count, topk_mask
 
 class InputStatistics:
     """Streams calibration inputs of a linear layer into float64 statistics: H = sum X^T X (SparseGPT) when
-    ``hessian`` is true, else only the squared column norms (all Wanda needs, at O(d) instead of O(d^2))."""
+    ``hessian`` is true, else only the squared column norms (all Wanda needs, at O(d) instead of O(d^2)).
+
+    Each :meth:`update` (one calibration sequence in the layer loop) forms its own term in its input's precision,
+    at least float32, and adds it to the float64 sums. Float32 terms of similar magnitude add up exactly in
+    float64, so the sums, like the statistics of a partition of the sequences added together (data-parallel
+    runs, attnprune_opt/distributed.py), do not depend on the order or grouping of the updates."""
 
     def __init__(self, in_features: int, hessian: bool = True, device: torch.device | str | None = None) -> None:
         self.hessian = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if hessian else None
@@ -29,7 +34,8 @@ class InputStatistics:
         self.tokens = 0
 
     def update(self, x: Tensor) -> None:
-        flat = x.reshape(-1, x.shape[-1]).to(self.squared_norms)
+        flat = x.reshape(-1, x.shape[-1]).to(self.squared_norms.device)
+        flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
         if self.hessian is not None:
             self.hessian += flat.T @ flat
         self.squared_norms += flat.pow(2).sum(dim=0)

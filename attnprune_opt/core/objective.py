@@ -7,14 +7,16 @@ Two forms share one softmax backward:
   torch.nn.Linear), per head, with RoPE and grouped KV heads (docs/method.md section 6).
 
 Both are batched over calibration sequences (attention never crosses sequences) and processed chunk by chunk.
-With ``normalize=True`` the data term is averaged over attention rows and the penalty over mask entries, so
+The factored form sums its terms per batch in float64 and passes the sums through ``reduce`` (the sum over
+processes in a data-parallel run): given one sequence per batch, its loss, gradient and error do not depend on how
+the sequences are split across processes (attnprune_opt/distributed.py). With ``normalize=True`` the data term is averaged over attention rows and the penalty over mask entries, so
 one lambda and one solver setting mean the same thing for every sequence length and matrix size; with
 ``normalize=False`` the loss is exactly the paper's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,13 @@ from .attention_spec import AttentionSpec, RMSNormSpec, rms_norm, rms_norm_backw
 from .rope import apply_rotary, apply_rotary_transpose
 
 Params = tuple[Tensor, ...]
+#: Sums a float64 tensor over the processes of a data-parallel run, in place, and returns it.
+Reduce = Callable[[Tensor], Tensor]
+
+
+def local_sum(sums: Tensor) -> Tensor:
+    """The sum over processes in a single process: the sums themselves."""
+    return sums
 
 
 def softmax_loss_and_logit_grad(probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -182,7 +191,8 @@ def sample_rows(batches: Sequence[Tensor], row_fraction: float, sequence_fractio
         seqs = [j for j in range(batch.shape[0]) if next(local) in chosen]
         if seqs:
             n = batch.shape[1]
-            parts.append(SampledBatch(i, torch.tensor(seqs), rows[n], len(lengths) / count * n / len(rows[n])))
+            parts.append(SampledBatch(i, None if len(seqs) == batch.shape[0] else torch.tensor(seqs), rows[n],
+                                      len(lengths) / count * n / len(rows[n])))
     return RowSample(tuple(parts))
 
 
@@ -301,6 +311,12 @@ class FactoredAttentionObjective:
     query head h reads KV head h // (heads / kv_heads); ``spec`` says what else the attention computes (RoPE,
     biases, q/k norms, soft-cap, window). ``optimize`` names which masks are parameters; the other weight stays
     dense.
+
+    In a data-parallel run ``x`` holds this process's sequences, ``catalog`` places them among all, and ``reduce``
+    sums over processes: the loss is then normalised over every process's rows. Each batch's float32 terms
+    (weighted by the sample) are added in float64 and summed over processes before the result is cast back,
+    so with one sequence per batch the figures are those of one process holding every sequence, up to float64
+    rounding (float32 terms of similar magnitude add exactly in float64).
     """
 
     def __init__(
@@ -315,6 +331,7 @@ class FactoredAttentionObjective:
         chunk_size: int | None = None,
         optimize: Sequence[str] = ("q", "k"),
         catalog: SequenceCatalog | None = None,
+        reduce: Reduce = local_sum,
     ) -> None:
         if not optimize or set(optimize) - {"q", "k"} or len(set(optimize)) != len(optimize):
             raise ValueError(f"optimize must name 'q' and/or 'k' once each, got {list(optimize)}")
@@ -327,9 +344,10 @@ class FactoredAttentionObjective:
             raise ValueError("the sequence catalog does not describe these batches")
         self.optimize = tuple(optimize)
         self.lam = lam
+        self.reduce = reduce
         self.targets = [self._forward(b, q_weight, k_weight).probs for b in self.batches]
         heads = q_weight.shape[0] // spec.head_dim
-        rows = sum(b.shape[0] * b.shape[1] for b in self.batches) * heads
+        rows = sum(self.catalog.lengths) * heads  # every process's
         entries = sum(self._weight(name).numel() for name in self.optimize)
         self.weights = _Weights(1.0 / rows, 1.0 / entries) if normalize else _Weights(1.0, 1.0)
 
@@ -363,13 +381,20 @@ class FactoredAttentionObjective:
     def squared_error(self, q_weight: Tensor, k_weight: Tensor) -> float:
         """||P - P(1)||_F^2 with these effective q/k weights, summed over heads and sequences (the numerator of
         the relative error)."""
-        return float(sum((self._forward(b, q_weight, k_weight).probs - t).pow(2).sum()
-                         for b, t in zip(self.batches, self.targets)))
+        return self._sum((self._forward(b, q_weight, k_weight).probs - t).pow(2).sum()
+                         for b, t in zip(self.batches, self.targets))
 
     @property
     def target_energy(self) -> float:
         """||P(1)||_F^2, the denominator of the relative error."""
-        return float(sum(t.pow(2).sum() for t in self.targets))
+        return self._sum(t.pow(2).sum() for t in self.targets)
+
+    def _sum(self, terms) -> float:
+        """Per-batch terms added in float64, over every process."""
+        total = torch.zeros(1, dtype=torch.float64, device=self.q_weight.device)
+        for term in terms:
+            total += term
+        return float(self.reduce(total))
 
     def _penalty(self, params: Params) -> Tensor:
         return 0.5 * self.lam * self.weights.penalty * sum(p.pow(2).sum() for p in params)
@@ -385,8 +410,11 @@ class FactoredAttentionObjective:
         With a ``sample`` (from :meth:`sample`) only its attention rows are computed, each weighted so that the
         value and the gradient are unbiased estimates of the full ones.
         """
-        data = torch.zeros((), dtype=q_weight.dtype, device=q_weight.device)
-        grad_q, grad_k = torch.zeros_like(q_weight), torch.zeros_like(k_weight)
+        # one float64 buffer, so that a data-parallel run sums the value and both gradients in one collective
+        sums = torch.zeros(1 + q_weight.numel() + k_weight.numel(), dtype=torch.float64, device=q_weight.device)
+        data = sums[:1]
+        grad_q = sums[1:1 + q_weight.numel()].view(q_weight.shape)
+        grad_k = sums[1 + q_weight.numel():].view(k_weight.shape)
         for part in sample_parts(sample, len(self.batches)):
             batch = select_rows(self.batches[part.batch], part, None)
             target = select_rows(self.targets[part.batch], part, 2)
@@ -396,8 +424,9 @@ class FactoredAttentionObjective:
             data += part.weight * loss
             grad_q += part.weight * gq
             grad_k += part.weight * gk
+        self.reduce(sums)
         scale = self.weights.data
-        return float(scale * data), scale * grad_q, scale * grad_k
+        return float(scale * data), (scale * grad_q).to(q_weight.dtype), (scale * grad_k).to(k_weight.dtype)
 
     def loss(self, params: Params) -> float:
         return self.weight_loss(*self.masked_weights(params)) + float(self._penalty(params))

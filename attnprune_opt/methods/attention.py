@@ -113,8 +113,11 @@ class AttentionInputs:
     spec: AttentionSpec
     catalog: SequenceCatalog | None = None  # where xs sit among every rank's sequences (data-parallel runs)
 
-    def batches(self) -> list[Tensor]:
-        return batches_by_length(self.xs)
+    def sequences(self) -> list[Tensor]:
+        """One (1, n, d) batch per sequence, shortest first (ties in their given order: the catalog's), in the
+        solver's dtype. Sequences are never stacked: a stacked batch's matrix products sum over its sequences in
+        float32, in an order that would depend on which sequences share a rank (attnprune_opt/distributed.py)."""
+        return [x.reshape(1, *x.shape[-2:]).to(SOLVE_DTYPE) for x in sorted(self.xs, key=lambda x: x.shape[-2])]
 
 
 def batches_by_length(xs: list[Tensor]) -> list[Tensor]:
@@ -154,41 +157,39 @@ class _Layer:
                  lam: float, world: World = SINGLE) -> None:
         self.targets = targets  # "q_proj" and/or "k_proj"
         self.dense = {name: weights[name].to(SOLVE_DTYPE) for name in ("q_proj", "k_proj")}
-        self.batches = inputs.batches()
+        self.batches = inputs.sequences()
         self.catalog = inputs.catalog
         self.spec = inputs.spec.to(SOLVE_DTYPE)
         self.head_dim = self.spec.head_dim
         self.kv_heads = self.dense["k_proj"].shape[0] // self.head_dim
         self.lam = lam
         self.world = world
-        rows = sum(b.shape[0] * b.shape[1] for b in self.batches)
-        self.share = rows / world.total(rows)  # of the calibration rows, on this rank
         self.objective = self._objective(slice(None), slice(None))
 
     def _objective(self, q_rows: slice, k_rows: slice) -> FactoredAttentionObjective:
         spec = self.spec if q_rows == slice(None) else self.spec.group_rows(q_rows, k_rows)
         return FactoredAttentionObjective(
             self.batches, self.dense["q_proj"][q_rows], self.dense["k_proj"][k_rows], spec, lam=self.lam,
-            optimize=tuple(name[0] for name in self.targets), catalog=self.catalog)
+            optimize=tuple(name[0] for name in self.targets), catalog=self.catalog, reduce=self.world.sum)
 
     def error(self, weights: dict[str, Tensor]) -> float:
-        """Relative attention error of the layer with these q/k weights (dense where not given)."""
+        """Relative attention error of the layer with these q/k weights (dense where not given), over every rank's
+        sequences."""
         full = {**self.dense, **{name: w.to(SOLVE_DTYPE) for name, w in weights.items()}}
-        squared_error = self.objective.squared_error(full["q_proj"], full["k_proj"])
-        return self.world.total(squared_error) / self.world.total(self.objective.target_energy)
+        return self.objective.squared_error(full["q_proj"], full["k_proj"]) / self.objective.target_energy
 
     def descent(self, solver: SolverConfig) -> tuple[dict[str, Tensor], int]:
         """Algorithm 1 per KV group (all heads at once when a norm couples them): the relaxed masks M_T assembled
         over the whole matrices."""
         if not self.spec.heads_separate:
-            result = solve(self._reduced(self.objective), solver)
+            result = solve(self.objective, solver)
             return dict(zip(self.targets, result.masks)), result.iterations
         relaxed = {name: torch.ones_like(self.dense[name]) for name in self.targets}
         head_dim = self.head_dim
         iterations, q_rows = 0, self.dense["q_proj"].shape[0] // self.kv_heads
         for g in range(self.kv_heads):
             rows = {"q_proj": slice(g * q_rows, (g + 1) * q_rows), "k_proj": slice(g * head_dim, (g + 1) * head_dim)}
-            result = solve(self._reduced(self._objective(rows["q_proj"], rows["k_proj"])), solver)
+            result = solve(self._objective(rows["q_proj"], rows["k_proj"]), solver)
             for name, mask in zip(self.targets, result.masks):
                 relaxed[name][rows[name]] = mask
             iterations = max(iterations, result.iterations)
@@ -198,12 +199,8 @@ class _Layer:
               callback: StepCallback | None = None) -> tuple[dict[str, Tensor], list[float]]:
         """Adam on the kept entries against the attention loss; pruned entries stay exactly zero."""
         kept = self.kept_objective(start, keep)
-        result = adam(self._reduced(kept), config, tuple(_rms(self.dense[name]) for name in self.targets), callback)
+        result = adam(kept, config, tuple(_rms(self.dense[name]) for name in self.targets), callback)
         return self.fitted(kept, result.masks, keep), result.loss_history
-
-    def _reduced(self, objective):
-        """The objective over every rank's sequences (itself in a single process)."""
-        return objective if self.world.size == 1 else _RankSum(objective, self.world, self.share)
 
     def input_statistics(self, inputs: AttentionInputs, hessian: bool) -> InputStatistics:
         """Statistics of the attention inputs of every rank."""
@@ -300,26 +297,3 @@ def _keep(scores: Tensor, rule: PruneRule, settings: AttentionSettings, head_dim
 def _rms(t: Tensor) -> float:
     return float(t.pow(2).mean().sqrt()) or 1.0
 
-
-class _RankSum:
-    """An objective summed over ranks: each rank's loss and gradient (normalised over its own rows) are weighted by
-    its share of all rows and all-reduced, which is the objective normalised over every rank's rows. Sampled steps
-    stay unbiased: each rank's estimate is unbiased for its own part."""
-
-    def __init__(self, objective, world: World, share: float) -> None:
-        self.objective, self.world, self.share = objective, world, share
-
-    def initial_params(self) -> tuple[Tensor, ...]:
-        return self.objective.initial_params()
-
-    def sample(self, row_fraction: float, sequence_fraction: float, generator: torch.Generator):
-        return self.objective.sample(row_fraction, sequence_fraction, generator)
-
-    def loss(self, params: tuple[Tensor, ...]) -> float:
-        return self.world.total(self.share * self.objective.loss(params))
-
-    def loss_and_grad(self, params: tuple[Tensor, ...], sample=None) -> tuple[float, tuple[Tensor, ...]]:
-        args = (params,) if sample is None else (params, sample)
-        value, grads = self.objective.loss_and_grad(*args)
-        return (self.world.total(self.share * value),
-                tuple(self.world.sum(self.share * grad) for grad in grads))
