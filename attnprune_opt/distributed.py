@@ -3,6 +3,17 @@
 the same pruned q/k; the per-matrix methods' matrices are shared out (each rank prunes every N-th and broadcasts
 it); rank 0 alone writes the output.
 
+The result does not depend on the world size (up to float64 rounding; on SmolLM2-135M and in
+tests/test_distributed.py it is bit for bit the single process's). Float32 sums over differently split sequences
+round differently, near-ties in a pattern flip, and each pruned layer's outputs feed the next, so a difference of
+one float32 ulp grows layer by layer. Hence every sum over sequences is built from each sequence's own terms,
+computed alone and so identically whatever the split (layers and attention run one sequence at a time), in
+float32; they are added in float64, where float32 terms of similar magnitude add exactly, all-reduced in float64,
+and cast to the working dtype only after the sum (core.InputStatistics, core.objective.FactoredAttentionObjective).
+Sampled refit steps draw from a catalogue of all sequences (core.objective.SequenceCatalog), so every rank draws
+the single process's sample. Matrix products must round alike on every rank: run one thread per rank, as the
+single process it is compared with.
+
 A single process (no torchrun, no process group) uses :data:`SINGLE`, whose operations do nothing: torch.distributed
 is imported only when a launcher set ``WORLD_SIZE`` > 1 or the caller initialised a process group itself.
 """

@@ -5,8 +5,9 @@ recorded: the process's wall time, the pruning time of rank 0 (its report), load
 rank passed to collectives (its report), and the saved weights compared with world size 1's. From the measured
 traffic per layer, a worked estimate scales it to a 70B Llama (shapes below) on 8 ranks.
 
-Writes distributed.json and distributed.md into --out.
-Usage: python benchmarks/distributed.py --out DIR [--overwrite] [--recipes smollm2_qk50 smollm2_whole50]
+Writes distributed.json and distributed.md into --out. With --no-timing (the ranks share cores, e.g. all pinned to
+one) the times are left out of both: only the traffic and the comparison with world size 1 mean something then.
+Usage: python benchmarks/distributed.py --out DIR [--overwrite] [--no-timing] [--recipes smollm2_qk50 smollm2_whole50]
 """
 
 from __future__ import annotations
@@ -54,12 +55,12 @@ def compare(one: Path, two: Path) -> dict:
 
 
 def estimate_70b(records: list[dict]) -> list[str]:
-    """Traffic per layer of a 70B Llama at world size 8, from what this implementation sends (float64 statistics,
-    float32 q/k refit gradients, weights in the model's dtype); stated as arithmetic on shapes."""
+    """Traffic per layer of a 70B Llama at world size 8, from what this implementation sends (float64 statistics
+    and q/k refit gradients, weights in the model's dtype); stated as arithmetic on shapes."""
     h, i, kv, layers = LLAMA_70B["hidden"], LLAMA_70B["intermediate"], LLAMA_70B["kv_dim"], LLAMA_70B["layers"]
     hessians = 8 * (3 * h * h + i * i)  # X^T X of the q/k/v, o, gate/up and down inputs, float64
     weights = 2 * (h * h + 2 * h * kv + h * h + 3 * h * i)  # every pruned matrix broadcast once, bfloat16
-    refit_step = 4 * (h * h + h * kv)  # the q/k gradient of one refit step, float32
+    refit_step = 8 * (h * h + h * kv)  # the q/k gradient of one refit step, float64
     per_layer = {"whole (SparseGPT on v/o/MLP)": hessians + weights, "q/k refit, 100 steps": 100 * refit_step}
     lines = ["| 70B Llama, per layer | bytes sent per rank | 80 layers | at 25 GB/s (ring all-reduce ≈ 2× bytes) |",
              "|---|---|---|---|"]
@@ -69,10 +70,19 @@ def estimate_70b(records: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(records: list[dict], comparisons: dict) -> str:
-    lines = ["| recipe | ranks | wall s | pruning s | load + save s | mean layer s | speed-up (pruning) | "
-             "bytes sent per layer |", "|---|---|---|---|---|---|---|---|"]
+TIMES = ("wall_seconds", "prune_seconds", "load_and_save_seconds", "mean_layer_seconds")
+
+
+def markdown(records: list[dict], comparisons: dict, timing: bool = True) -> str:
+    if timing:
+        lines = ["| recipe | ranks | wall s | pruning s | load + save s | mean layer s | speed-up (pruning) | "
+                 "bytes sent per layer |", "|---|---|---|---|---|---|---|---|"]
+    else:
+        lines = ["| recipe | ranks | bytes sent per layer |", "|---|---|---|"]
     for r in records:
+        if not timing:
+            lines.append(f"| {r['recipe']} | {r['world_size']} | {r['bytes_per_layer'] / 1e6:.1f} MB |")
+            continue
         base = next(b for b in records if b["recipe"] == r["recipe"] and b["world_size"] == 1)
         lines.append(f"| {r['recipe']} | {r['world_size']} | {r['wall_seconds']:.0f} | {r['prune_seconds']:.0f} | "
                      f"{r['load_and_save_seconds']:.0f} | {r['mean_layer_seconds']:.2f} | "
@@ -88,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    parser.add_argument("--no-timing", action="store_true",
+                        help="leave the times out (the ranks share cores, so they would mislead)")
     args = parser.parse_args(argv)
     check_output_dir(args.out, args.overwrite)
     records, comparisons = [], {}
@@ -99,12 +111,16 @@ def main(argv: list[str] | None = None) -> int:
                 records.append(run(recipe, ranks, outs[ranks]))
                 print(json.dumps(records[-1]), file=sys.stderr)
             comparisons[recipe] = compare(outs[1], outs[2])
+    timing = not args.no_timing
+    if not timing:
+        records = [{key: value for key, value in r.items() if key not in TIMES} for r in records]
+    table = markdown(records, comparisons, timing)
     with atomic_output_dir(args.out, args.overwrite) as tmp:
         (tmp / "distributed.json").write_text(json.dumps({"runs": records, "comparisons": comparisons,
-                                                          "threads_per_rank": 1,
+                                                          "threads_per_rank": 1, "timed": timing,
                                                           "torch": torch.__version__}, indent=2) + "\n")
-        (tmp / "distributed.md").write_text(markdown(records, comparisons) + "\n")
-    print(markdown(records, comparisons))
+        (tmp / "distributed.md").write_text(table + "\n")
+    print(table)
     return 0
 
 
