@@ -9,9 +9,9 @@ Two forms share one softmax backward:
 Both are batched over calibration sequences (attention never crosses sequences) and processed chunk by chunk.
 The factored form sums its terms per batch in float64 and passes the sums through ``reduce`` (the sum over
 processes in a data-parallel run): given one sequence per batch, its loss, gradient and error do not depend on how
-the sequences are split across processes (attnprune_opt/distributed.py). With ``normalize=True`` the data term is averaged over attention rows and the penalty over mask entries, so
-one lambda and one solver setting mean the same thing for every sequence length and matrix size; with
-``normalize=False`` the loss is exactly the paper's.
+the sequences are split across processes (attnprune_opt/distributed.py). With ``normalize=True`` the data term is
+averaged over attention rows and the penalty over mask entries, so one lambda and one solver setting mean the same
+thing for every sequence length and matrix size; with ``normalize=False`` the loss is exactly the paper's.
 """
 
 from __future__ import annotations
