@@ -31,7 +31,7 @@ def _device_map(value: str | None):
 def cmd_prune(args: argparse.Namespace) -> int:
     from .atomic import check_free_space, check_output_dir
     from .data.calibration import check_source
-    from .distributed import current_world
+    from .distributed import current_world, rank_device_map
     from .export.save import shard_bytes
     from .models.loading import DEFAULT_MODEL, check_model_source, check_offload, load_model, load_tokenizer
     from .pruner import AttentionPruner
@@ -49,13 +49,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     shard_bytes(args.max_shard_size)
     name = args.model or pruner.config.model or DEFAULT_MODEL
     check_model_source(name)
-    check_offload(name, _device_map(args.device_map))
+    device_map = rank_device_map(_device_map(args.device_map))
+    check_offload(name, device_map)
     check_source(pruner.calibration_spec())
     print(f"loading {name}", file=sys.stderr)
     tokenizer = _loaded(name, lambda: load_tokenizer(name, trust_remote_code=args.trust_remote_code))
     model = _loaded(name, lambda: load_model(name, trust_remote_code=args.trust_remote_code,
-                                             device_map=_device_map(args.device_map),
-                                             offload_folder=args.offload_folder))
+                                             device_map=device_map, offload_folder=args.offload_folder))
     check_free_space(args.output, sum(p.numel() * p.element_size() for p in model.parameters()))
     pruner.prune_model(model, tokenizer, progress=not args.quiet)
     out = pruner.save(model, args.output, overwrite=args.overwrite, format=args.format,
