@@ -31,9 +31,9 @@ def _device_map(value: str | None):
 def cmd_prune(args: argparse.Namespace) -> int:
     from .atomic import check_free_space, check_output_dir
     from .data.calibration import check_source
-    from .distributed import current_world
+    from .distributed import current_world, rank_device_map
     from .export.save import shard_bytes
-    from .models.loading import DEFAULT_MODEL, check_model_source, load_model, load_tokenizer
+    from .models.loading import DEFAULT_MODEL, check_model_source, check_offload, load_model, load_tokenizer
     from .pruner import AttentionPruner
 
     pruner = AttentionPruner.from_recipe(args.recipe)
@@ -49,12 +49,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     shard_bytes(args.max_shard_size)
     name = args.model or pruner.config.model or DEFAULT_MODEL
     check_model_source(name)
+    device_map = rank_device_map(_device_map(args.device_map))
+    check_offload(name, device_map)
     check_source(pruner.calibration_spec())
     print(f"loading {name}", file=sys.stderr)
     tokenizer = _loaded(name, lambda: load_tokenizer(name, trust_remote_code=args.trust_remote_code))
     model = _loaded(name, lambda: load_model(name, trust_remote_code=args.trust_remote_code,
-                                             device_map=_device_map(args.device_map),
-                                             offload_folder=args.offload_folder))
+                                             device_map=device_map, offload_folder=args.offload_folder))
     check_free_space(args.output, sum(p.numel() * p.element_size() for p in model.parameters()))
     pruner.prune_model(model, tokenizer, progress=not args.quiet)
     out = pruner.save(model, args.output, overwrite=args.overwrite, format=args.format,
@@ -73,7 +74,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.runner import DEFAULT_BATCH_SIZE, PERPLEXITY_SETS, check_request, evaluate
     from .export.load import check_sparsity, load_pruned_model
     from .export.manifest import MANIFEST_NAME, read_manifest
-    from .models.loading import SOURCE_ATTR, load_model, load_tokenizer
+    from .models.loading import SOURCE_ATTR, check_offload, load_model, load_tokenizer
     from .paths import portable_name
 
     perplexity = () if args.no_perplexity else _list(args.perplexity or ",".join(PERPLEXITY_SETS))
@@ -94,6 +95,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
               "attention error", file=sys.stderr)
     load = dict(trust_remote_code=args.trust_remote_code, device_map=_device_map(args.device_map),
                 offload_folder=args.offload_folder, **({"dtype": args.dtype} if args.dtype else {}))
+    for name in ([] if manifest is not None else [target]) + ([dense_name] if dense_name else []):
+        check_offload(name, load["device_map"])  # before the first, slow load
     print(f"loading {target}", file=sys.stderr)
     rss_before = process_rss_mb()
     if manifest is not None:

@@ -1,5 +1,6 @@
 """Subcommands that connect ``attnprune-opt`` to the rest of the stack: ``data fetch`` (the data folder from the
-hub) and ``lm-eval`` (lm-eval's own command line with this package's format and tasks)."""
+hub), ``lm-eval`` (lm-eval's own command line with this package's format and tasks) and ``convert-gguf`` (a GGUF
+model as a safetensors folder, which can be offloaded to disk)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,15 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     return run_lm_eval_cli(args.lm_eval_args)
 
 
+def cmd_convert_gguf(args: argparse.Namespace) -> int:
+    from .models.gguf import gguf_to_folder
+
+    out = gguf_to_folder(args.gguf, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                         overwrite=args.overwrite)
+    print(f"{args.gguf} written to {out} as safetensors; prune or evaluate {out}")
+    return 0
+
+
 def add_ext_commands(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="the data folder of the benchmark protocol")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -41,3 +51,13 @@ def add_ext_commands(sub: argparse._SubParsersAction) -> None:
                                   "--tasks local_arc_easy), with this package's compressed format and local tasks")
     lm_eval.add_argument("lm_eval_args", nargs=argparse.REMAINDER, metavar="LM_EVAL_ARGS")
     lm_eval.set_defaults(func=cmd_lm_eval)
+
+    convert = sub.add_parser("convert-gguf", help="write a GGUF model (dequantized) and its tokenizer as a safetensors "
+                                                  "folder: loads faster, and can be offloaded to disk")
+    convert.add_argument("gguf", metavar="MODEL", help="a .gguf file, or 'smollm2-135m' (the embedded default)")
+    convert.add_argument("output", type=Path, metavar="OUT_DIR", help="output folder (written atomically)")
+    convert.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                         help="weight dtype of the folder (default: %(default)s)")
+    convert.add_argument("--max-shard-size", default="2GB", help="largest weight file (default: %(default)s)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    convert.set_defaults(func=cmd_convert_gguf)

@@ -16,16 +16,20 @@ single process it is compared with.
 
 A single process (no torchrun, no process group) uses :data:`SINGLE`, whose operations do nothing: torch.distributed
 is imported only when a launcher set ``WORLD_SIZE`` > 1 or the caller initialised a process group itself.
+With NCCL each rank computes on its own GPU (``cuda:LOCAL_RANK``, :func:`rank_device_map`), and whatever is
+exchanged is staged on it, since NCCL only moves GPU tensors.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import torch
 from torch import Tensor
 
 from .core.objective import SequenceCatalog
@@ -43,6 +47,7 @@ class World:
     rank: int = 0
     size: int = 1
     sent: dict[str, int] = field(default_factory=dict, compare=False)  # bytes passed to each kind of collective
+    device: str = "cpu"  # where the backend exchanges tensors: cpu for gloo, this rank's GPU for NCCL
 
     @property
     def is_main(self) -> bool:
@@ -64,24 +69,34 @@ class World:
         if self.size > 1:
             import torch.distributed as dist
 
-            self._collective("all_reduce", lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM), tensor)
+            with self._staged(tensor) as staged:
+                self._collective("all_reduce", lambda: dist.all_reduce(staged, op=dist.ReduceOp.SUM), staged)
         return tensor
 
     def total(self, value: float) -> float:
         """The sum of a number over ranks."""
         if self.size == 1:
             return value
-        import torch
-
-        return float(self.sum(torch.tensor([value], dtype=torch.float64)))
+        return float(self.sum(torch.tensor([value], dtype=torch.float64, device=self.device)))
 
     def broadcast(self, tensor: Tensor, source: int = 0) -> Tensor:
         """Rank ``source``'s ``tensor`` on every rank (in place, and returned)."""
         if self.size > 1:
             import torch.distributed as dist
 
-            self._collective("broadcast", lambda: dist.broadcast(tensor, src=source), tensor)
+            with self._staged(tensor) as staged:
+                self._collective("broadcast", lambda: dist.broadcast(staged, src=source), staged)
         return tensor
+
+    @contextmanager
+    def _staged(self, tensor: Tensor) -> Iterator[Tensor]:
+        """``tensor`` on the backend's device for a collective, its result copied back in place after."""
+        if tensor.device == torch.device(self.device):
+            yield tensor
+            return
+        staged = tensor.to(self.device)
+        yield staged
+        tensor.copy_(staged)
 
     def barrier(self) -> None:
         if self.size > 1:
@@ -122,5 +137,25 @@ def current_world() -> World:
         if size <= 1:
             return SINGLE
         timeout = datetime.timedelta(seconds=float(os.environ.get("ATTNPRUNE_DIST_TIMEOUT", DEFAULT_TIMEOUT)))
-        dist.init_process_group(backend=os.environ.get("ATTNPRUNE_DIST_BACKEND", "gloo"), timeout=timeout)
-    return World(dist.get_rank(), dist.get_world_size())
+        backend = os.environ.get("ATTNPRUNE_DIST_BACKEND", "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(local_device())
+        dist.init_process_group(backend=backend, timeout=timeout)
+    device = local_device() if dist.get_backend() == "nccl" else "cpu"
+    return World(dist.get_rank(), dist.get_world_size(), device=device)
+
+
+def local_device() -> str:
+    """This rank's GPU under a launcher: ``cuda:LOCAL_RANK``."""
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+
+def rank_device_map(device_map: str | dict | None) -> str | dict | None:
+    """The device map a rank loads its model with. Under NCCL every rank holds its own copy on its own GPU, so no
+    map or ``auto`` (which would spread every rank's copy over all GPUs) becomes that GPU; under gloo, and in a
+    single process, the map is used as given (cpu or disk offload as without ranks)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    nccl = os.environ.get("ATTNPRUNE_DIST_BACKEND", "gloo") == "nccl"
+    if launched and nccl and device_map in (None, "auto"):
+        return {"": local_device()}
+    return device_map

@@ -100,6 +100,14 @@ def check_model_source(name_or_path: str, *, prunable: bool = True) -> None:
         raise ModelSourceError(f"{name_or_path} has no *.safetensors weight files")
 
 
+def check_offload(name_or_path: str, device_map: Any) -> None:
+    """Refuse a disk-offloading device map for a GGUF source before anything is loaded, and say how to convert it:
+    transformers dequantizes GGUF in memory and cannot offload such a model to disk."""
+    if isinstance(device_map, dict) and "disk" in device_map.values() and resolve_model(name_or_path).gguf_file:
+        raise ModelSourceError(f"{name_or_path}: a GGUF model cannot be offloaded to disk; convert it once with "
+                               f"`attnprune-opt convert-gguf {name_or_path} FOLDER` and use FOLDER")
+
+
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -115,6 +123,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = Fals
     """
     from transformers import AutoModelForCausalLM
 
+    check_offload(name_or_path, kwargs.get("device_map"))
     source = resolve_model(name_or_path)
     if not source.gguf_file:
         kwargs.setdefault("use_safetensors", True)
