@@ -30,7 +30,8 @@ def test_two_layers_of_the_7b_shape_prune_with_disk_offload(tmp_path, mini_data)
                                              "gate_proj": 0.0, "up_proj": 0.0, "down_proj": 0.0}, abs=1e-6)
     assert run["verify"]["status"] == 0 and run["load"]["forward"] == {"finite": True, "shape": [1, 16, 49152]}
     assert len(run["report"]["layer_seconds"]) == 2
-    assert run["prune"]["peak_tree_rss_mb"] >= run["report"]["peak_rss_mb"] > 0
+    # sampled every 0.2 s, the tree's peak can fall a little short of the pruner's own high-water mark
+    assert run["prune"]["peak_tree_rss_mb"] > 0.9 * run["report"]["peak_rss_mb"] > 0
     assert run["saved_bytes"] > 2 * layer * 2  # bfloat16
     assert not work.exists()  # removed without --keep
     assert "| smollm2_qk50 | all | 2 x 512 | 1 |" in (out / "large_model.md").read_text()
