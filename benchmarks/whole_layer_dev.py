@@ -95,8 +95,12 @@ VARIANTS = {
     "wanda+vo+mlp/pruned-targets 60 it lr 0.02 seqs 1/8": Variant(
         vo=Refit(60, lr=0.02, sequence_fraction=0.125), mlp=Refit(60, lr=0.02, sequence_fraction=0.125),
         targets="pruned"),
-    "wanda+vo+mlp/pruned-targets 60 it lr 0.02 + solve 30": Variant(
+    # (the record "... + solve 30 toward zero" is from commit a999a39, whose solve damped toward zero)
+    "wanda+vo+mlp/pruned-targets 60 it lr 0.02 + solve 30 toward Adam": Variant(
         vo=Refit(60, lr=0.02, solve_iterations=30), mlp=Refit(60, lr=0.02, solve_iterations=30), targets="pruned"),
+    "wanda+vo+mlp/pruned-targets 60 it lr 0.02 seqs 1/8 + solve 30 toward Adam": Variant(
+        vo=Refit(60, lr=0.02, sequence_fraction=0.125, solve_iterations=30),
+        mlp=Refit(60, lr=0.02, sequence_fraction=0.125, solve_iterations=30), targets="pruned"),
     "wanda+vo+mlp rows 1/16 all seqs": Variant(vo=Refit(row_fraction=1 / 16, sequence_fraction=1.0),
                                                mlp=Refit(row_fraction=1 / 16, sequence_fraction=1.0)),
 }

@@ -269,7 +269,8 @@ def test_refit_with_a_solve_lowers_the_error_to_the_least_squares_optimum(kind, 
         if other != name:
             assert torch.equal(result.weights[other], plain.weights[other])
     gram, cross = objective.linear_system(plain.weights)
-    expected = masked_least_squares(gram, cross, objective.keep[name], iterations=200, tol=1e-12)
+    expected = masked_least_squares(gram, cross, objective.keep[name], plain.weights[name], iterations=200,
+                                    tol=1e-12)
     assert rel(result.weights[name], expected) < 1e-6
     pruned = objective.keep[name] == 0
     assert torch.equal(result.weights[name][pruned], torch.zeros_like(result.weights[name][pruned]))

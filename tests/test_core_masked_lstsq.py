@@ -20,8 +20,9 @@ def problem(gen, tokens=TOKENS):
     return features, targets, keep
 
 
-def reference(features, targets, keep, percdamp):
-    """Row by row: min ||F_S w - y_r||^2 + damp ||w||^2 over the kept columns S, as an augmented lstsq."""
+def reference(features, targets, keep, percdamp, start=None):
+    """Row by row: min ||F_S w - y_r||^2 + damp ||w - s_r||^2 over the kept columns S, as an augmented lstsq."""
+    start = torch.zeros(keep.shape, dtype=F64) if start is None else start
     gram = features.T @ features
     damp = percdamp * gram.diagonal().mean()
     out = torch.zeros(keep.shape, dtype=F64)
@@ -30,7 +31,7 @@ def reference(features, targets, keep, percdamp):
         if not len(kept):
             continue
         a = torch.cat([features[:, kept], damp.sqrt() * torch.eye(len(kept), dtype=F64)])
-        b = torch.cat([targets[:, r], torch.zeros(len(kept), dtype=F64)])
+        b = torch.cat([targets[:, r], damp.sqrt() * start[r, kept]])
         out[r, kept] = torch.linalg.lstsq(a, b.unsqueeze(1), driver="gelsd").solution.squeeze(1)
     return out
 
@@ -42,8 +43,10 @@ def test_solution_matches_lstsq_row_by_row(percdamp, warm, gen):
     start = torch.randn(ROWS, FEATURES, dtype=F64, generator=gen) if warm else None
     solved = masked_least_squares(features.T @ features, targets.T @ features, keep, start,
                                   iterations=3 * FEATURES, percdamp=percdamp, tol=1e-12)
-    expected = reference(features, targets, keep, percdamp)
+    expected = reference(features, targets, keep, percdamp, start)
     assert torch.allclose(solved, expected, rtol=1e-8, atol=1e-10)
+    if warm and percdamp:  # the damping pulls toward the start, not toward zero
+        assert not torch.allclose(solved, reference(features, targets, keep, percdamp), rtol=1e-4)
     assert torch.equal(solved[~keep], torch.zeros_like(solved[~keep]))
     assert not torch.signbit(solved[~keep]).any()  # +0.0, also where the start was negative
 
@@ -58,9 +61,10 @@ def test_each_step_lowers_the_damped_error_and_a_solved_start_stays(gen):
 
     errors = [damped_error(masked_least_squares(gram, cross, keep, iterations=k)) for k in range(6)]
     assert all(b < a for a, b in zip(errors, errors[1:])), errors
-    solution = masked_least_squares(gram, cross, keep, iterations=50, tol=1e-12)
-    # converged rows stop: from the solution no row is active, so no step changes it
-    assert torch.equal(masked_least_squares(gram, cross, keep, solution, iterations=5, tol=1e-6), solution)
+    solution = masked_least_squares(gram, cross, keep, iterations=50, percdamp=0.0, tol=1e-12)
+    # converged rows stop: from the (undamped) solution no row is active, so no step changes it
+    assert torch.equal(masked_least_squares(gram, cross, keep, solution, iterations=5, percdamp=0.0, tol=1e-6),
+                       solution)
 
 
 def test_rank_deficient_gram_is_solved_with_damping(gen):

@@ -312,7 +312,8 @@ def refit_kept_weights(objective: MLPObjective | AttentionOutputObjective, confi
     ||Y - Y0||^2 / ||Y0||^2, compared on one fixed sample of ``check_fraction`` of every sequence's tokens (exact
     at 1), drawn from ``config.seed``. With ``solve_iterations``, the weight the output is linear in
     (``objective.linear``, which must be optimised) is then solved for by masked least squares on every token, the
-    others as Adam left them (at most that many conjugate-gradient steps), kept only if it lowers the error too."""
+    others as Adam left them (at most that many conjugate-gradient steps, damped toward Adam's values as
+    :func:`masked_lstsq.masked_least_squares` does), kept only if it lowers the error too."""
     if not 0 < check_fraction <= 1:
         raise ValueError(f"check_fraction must be in (0, 1], got {check_fraction}")
     if solve_iterations and objective.linear not in objective.names:
