@@ -272,6 +272,9 @@ def test_refit_with_a_solve_lowers_the_error_to_the_least_squares_optimum(kind, 
     expected = masked_least_squares(gram, cross, objective.keep[name], plain.weights[name], iterations=200,
                                     tol=1e-12)
     assert rel(result.weights[name], expected) < 1e-6
+    # the damping pulls toward Adam's weights: a very strong one leaves them nearly in place
+    held = refit_kept_weights(objective, config, check_fraction=1.0, solve_iterations=200, solve_percdamp=1e6)
+    assert 0 < rel(held.weights[name], plain.weights[name]) < 1e-4
     pruned = objective.keep[name] == 0
     assert torch.equal(result.weights[name][pruned], torch.zeros_like(result.weights[name][pruned]))
     assert not torch.signbit(result.weights[name][pruned]).any()

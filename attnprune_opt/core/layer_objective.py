@@ -307,13 +307,14 @@ class RefitResult:
 
 
 def refit_kept_weights(objective: MLPObjective | AttentionOutputObjective, config: AdamConfig,
-                       check_fraction: float = 0.25, solve_iterations: int = 0) -> RefitResult:
+                       check_fraction: float = 0.25, solve_iterations: int = 0,
+                       solve_percdamp: float = 0.01) -> RefitResult:
     """Adam on the kept values (each weight's step relative to its RMS), kept only if it lowers the relative error
     ||Y - Y0||^2 / ||Y0||^2, compared on one fixed sample of ``check_fraction`` of every sequence's tokens (exact
     at 1), drawn from ``config.seed``. With ``solve_iterations``, the weight the output is linear in
     (``objective.linear``, which must be optimised) is then solved for by masked least squares on every token, the
-    others as Adam left them (at most that many conjugate-gradient steps, damped toward Adam's values as
-    :func:`masked_lstsq.masked_least_squares` does), kept only if it lowers the error too."""
+    others as Adam left them (at most that many conjugate-gradient steps, damped toward Adam's values by
+    ``solve_percdamp`` of mean diag G), kept only if it lowers the error too."""
     if not 0 < check_fraction <= 1:
         raise ValueError(f"check_fraction must be in (0, 1], got {check_fraction}")
     if solve_iterations and objective.linear not in objective.names:
@@ -335,7 +336,7 @@ def refit_kept_weights(objective: MLPObjective | AttentionOutputObjective, confi
         name = objective.linear
         gram, cross = objective.linear_system(chosen)
         candidate = {**chosen, name: masked_least_squares(gram, cross, objective.keep[name], chosen[name],
-                                                          iterations=solve_iterations)}
+                                                          iterations=solve_iterations, percdamp=solve_percdamp)}
         solved_error = error(candidate)
         solved = solved_error < min(before, after)
         chosen = candidate if solved else chosen
