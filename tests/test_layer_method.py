@@ -22,7 +22,8 @@ def test_whole_layer_prune_is_exact_and_round_trips(kind, tmp_path):
 
 @pytest.mark.parametrize("settings", [{"refit_iterations": 10}, {"refit_iterations": 10, "pattern": "sparsegpt"},
                                       {"refit_iterations": 10, "refit_qk": True},
-                                      {"refit_iterations": 10, "solve_iterations": 20}])
+                                      {"refit_iterations": 10, "solve_iterations": 20},
+                                      {"refit_iterations": 10, "solve_iterations": 20, "solve_percdamp": 1.0}])
 def test_every_row_is_exactly_2_of_4_and_each_refit_lowers_its_error(settings):
     model = tiny_model("llama")
     pruner = AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "structure": "2:4"}],
@@ -81,6 +82,9 @@ def test_settings_the_method_does_not_read_are_errors():
     with pytest.raises(RecipeError, match="layer.solve_iterations: not used: read only when refit_iterations > 0"):
         AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}],
                         layer={"refit_iterations": 0, "solve_iterations": 10})
+    with pytest.raises(RecipeError, match="layer.solve_percdamp: not used: read only when solve_iterations > 0"):
+        AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}],
+                        layer={"refit_iterations": 10, "solve_percdamp": 1.0})
     with pytest.raises(RecipeError, match="sparsegpt: settings of method 'sparsegpt', which no rule uses"):
         AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}],
                         sparsegpt={"blocksize": 32})

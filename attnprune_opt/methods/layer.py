@@ -30,7 +30,9 @@ class LayerSettings(MethodSettings):
     the ``refit_*`` settings drive Adam on the v/o and MLP sub-blocks (steps sampled like the q/k refit's), and a
     refit is kept only if it lowers the sub-block's error on a fixed ``check_fraction`` of the tokens;
     ``solve_iterations`` > 0 then solves o_proj and down_proj (each sub-block's output is linear in it) by masked
-    least squares on every calibration token, at most that many conjugate-gradient steps, kept on the same test."""
+    least squares on every calibration token, at most that many conjugate-gradient steps, kept on the same test,
+    damped toward the Adam refit's weights by ``solve_percdamp`` x mean diag of the features' Gram matrix (strong at
+    8 calibration sequences, where the undamped fit over-fits; docs/method.md section 8c)."""
 
     pattern: Literal["wanda", "sparsegpt"] = "wanda"
     refit_qk: bool = False
@@ -40,13 +42,13 @@ class LayerSettings(MethodSettings):
     refit_sequence_fraction: float = Field(default=0.5, gt=0.0, le=1.0, allow_inf_nan=False)
     check_fraction: float = Field(default=0.25, gt=0.0, le=1.0, allow_inf_nan=False)
     solve_iterations: int = Field(default=0, ge=0)
+    solve_percdamp: float = Field(default=0.01, ge=0.0, allow_inf_nan=False)
 
     def unused(self) -> dict[str, str]:
-        if self.refit_iterations:
-            return {}
-        return dict.fromkeys(("refit_lr", "refit_row_fraction", "refit_sequence_fraction", "check_fraction",
-                              "solve_iterations"),
-                             "read only when refit_iterations > 0")
+        if not self.refit_iterations:
+            return dict.fromkeys(("refit_lr", "refit_row_fraction", "refit_sequence_fraction", "check_fraction",
+                                  "solve_iterations", "solve_percdamp"), "read only when refit_iterations > 0")
+        return {} if self.solve_iterations else {"solve_percdamp": "read only when solve_iterations > 0"}
 
     def reads_settings_of(self) -> tuple[str, ...]:
         return ("sparsegpt",) if self.pattern == "sparsegpt" else ()
@@ -136,7 +138,8 @@ class Layer(PruningMethod):
             x, probs, {"v": dense["v_proj"], "o": dense["o_proj"]}, {"v": keep["v_proj"], "o": keep["o_proj"]},
             head_dim=spec.head_dim, start={"v": weights["v_proj"], "o": weights["o_proj"]},
             v_bias=bias["v_proj"], o_bias=bias["o_proj"], targets=targets)
-        result = refit_kept_weights(objective, adam, settings.check_fraction, settings.solve_iterations)
+        result = refit_kept_weights(objective, adam, settings.check_fraction, settings.solve_iterations,
+                                    settings.solve_percdamp)
         errors.update(_refit_errors("vo", result))
         return {"v_proj": result.weights["v"], "o_proj": result.weights["o"]}
 
@@ -151,7 +154,8 @@ class Layer(PruningMethod):
         objective = MLPObjective(x, {n: dense[r] for n, r in names.items()}, {n: keep[r] for n, r in names.items()},
                                  start={n: weights[r] for n, r in names.items()}, targets=targets,
                                  activation=context.adapter.mlp_activation())
-        result = refit_kept_weights(objective, adam, settings.check_fraction, settings.solve_iterations)
+        result = refit_kept_weights(objective, adam, settings.check_fraction, settings.solve_iterations,
+                                    settings.solve_percdamp)
         errors.update(_refit_errors("mlp", result))
         return {r: result.weights[n] for n, r in names.items()}
 
