@@ -1,6 +1,8 @@
 """Masked least squares by conjugate gradient: every row's solution against torch.linalg.lstsq on that row's kept
 columns (with the ridge as extra rows), pruned entries exactly +0.0, early stopping, named errors."""
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -60,7 +62,7 @@ def test_each_step_lowers_the_damped_error_and_a_solved_start_stays(gen):
         return float((features @ w.T - targets).pow(2).sum() + damp * w.pow(2).sum())
 
     errors = [damped_error(masked_least_squares(gram, cross, keep, iterations=k)) for k in range(6)]
-    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    assert all(b < a for a, b in pairwise(errors)), errors
     solution = masked_least_squares(gram, cross, keep, iterations=50, percdamp=0.0, tol=1e-12)
     # converged rows stop: from the (undamped) solution no row is active, so no step changes it
     assert torch.equal(masked_least_squares(gram, cross, keep, solution, iterations=5, percdamp=0.0, tol=1e-6),
