@@ -241,7 +241,7 @@ def prune_and_check(model: Path, spec: str, work: Path, num_layers: int) -> dict
                               "prune": run_measured(command, work / f"{out.name}.prune.log")}
     shutil.rmtree(offload, ignore_errors=True)
     if result["prune"]["status"] != 0:
-        raise SystemExit(f"pruning with {recipe} failed; see {work / f'{out.name}.prune.log'}")
+        raise SystemExit(f"pruning with {spec} failed; see {work / f'{out.name}.prune.log'}")
     report = json.loads((out / MANIFEST_NAME).read_text())["report"]
     result["report"] = {"seconds": report["seconds"], "cpu_seconds": report["cpu_seconds"],
                         "peak_rss_mb": report["peak_rss_mb"],
@@ -293,6 +293,12 @@ def table(model: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def write_results(out: Path, model: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "large_model.json").write_text(json.dumps({"model": model, "runs": runs}, indent=1))
+        (tmp / "large_model.md").write_text(f"# Pruning a 7B-shaped model with disk offload\n\n{table(model, runs)}\n")
+
+
 #: Every layer with the q/k method's pattern and the whole-layer method's pattern (no refit: the pipeline at full
 #: depth, saving every layer rewritten), then each recipe as shipped on layer 0 (its per-layer cost; the loop stops
 #: after the last pruned layer).
@@ -324,13 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     model["seconds"] = time.perf_counter() - start
     print(f"wrote {model['parameters'] / 1e9:.2f} B parameters in {model['seconds']:.0f} s", file=sys.stderr)
     runs = []
-    for spec in args.runs:
+    for spec in args.runs:  # the results so far are written after each run, so a later failure loses none
         runs.append(prune_and_check(model_dir, spec, args.work, args.layers))
+        write_results(args.out, model, runs)
         print(table(model, runs), file=sys.stderr, flush=True)
     text = table(model, runs)
-    with atomic_output_dir(args.out, args.overwrite) as tmp:
-        (tmp / "large_model.json").write_text(json.dumps({"model": model, "runs": runs}, indent=1))
-        (tmp / "large_model.md").write_text(f"# Pruning a 7B-shaped model with disk offload\n\n{text}\n")
     if not args.keep:
         shutil.rmtree(args.work)
     print(text)
