@@ -20,11 +20,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/attnprune-opt prune --recipe smollm2_qk50 --output out/demo --overwrite
 
+# Two workers (pytest-xdist): the suite is mostly single-threaded small models, so the two cores halve its time.
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 test-fast: install
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n 2 -m "not slow"
 
 synthetic: install
 	$(PY) benchmarks/synthetic.py --out out/synthetic

@@ -59,6 +59,8 @@ class Refit:
     row_fraction: float = 0.125
     sequence_fraction: float = 0.5
     check_fraction: float = 0.25  # share of the tokens (all sequences) on which the error before/after is compared
+    solve_iterations: int = 0  # then o_proj / down_proj by masked least squares (conjugate-gradient steps)
+    solve_percdamp: float = 0.01  # its damping toward the Adam result, a share of mean diag G
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,15 @@ VARIANTS = {
     "wanda+vo+mlp/pruned-targets 60 it lr 0.02 seqs 1/8": Variant(
         vo=Refit(60, lr=0.02, sequence_fraction=0.125), mlp=Refit(60, lr=0.02, sequence_fraction=0.125),
         targets="pruned"),
+    # (the record "... + solve 30 toward zero" is from commit 3d4777e, whose solve damped toward zero)
+    "wanda+vo+mlp/pruned-targets 60 it lr 0.02 + solve 30 toward Adam": Variant(
+        vo=Refit(60, lr=0.02, solve_iterations=30), mlp=Refit(60, lr=0.02, solve_iterations=30), targets="pruned"),
+    "wanda+vo+mlp/pruned-targets 60 it lr 0.02 + solve 30 toward Adam damp 1": Variant(
+        vo=Refit(60, lr=0.02, solve_iterations=30, solve_percdamp=1.0),
+        mlp=Refit(60, lr=0.02, solve_iterations=30, solve_percdamp=1.0), targets="pruned"),
+    "wanda+vo+mlp/pruned-targets 60 it lr 0.02 seqs 1/8 + solve 30 toward Adam": Variant(
+        vo=Refit(60, lr=0.02, sequence_fraction=0.125, solve_iterations=30),
+        mlp=Refit(60, lr=0.02, sequence_fraction=0.125, solve_iterations=30), targets="pruned"),
     "wanda+vo+mlp rows 1/16 all seqs": Variant(vo=Refit(row_fraction=1 / 16, sequence_fraction=1.0),
                                                mlp=Refit(row_fraction=1 / 16, sequence_fraction=1.0)),
 }
@@ -145,8 +156,11 @@ def statistics(xs: list[Tensor], hessian: bool) -> InputStatistics:
 def refit(objective, settings: Refit, seed: int, log: LayerLog, name: str) -> dict[str, Tensor]:
     config = AdamConfig(iterations=settings.iterations, lr=settings.lr, row_fraction=settings.row_fraction,
                         sequence_fraction=settings.sequence_fraction, seed=seed)
-    result = refit_kept_weights(objective, config, settings.check_fraction)
+    result = refit_kept_weights(objective, config, settings.check_fraction, settings.solve_iterations,
+                                settings.solve_percdamp)
     log.errors[f"{name}_before"], log.errors[f"{name}_after"] = result.error_before, result.error_after
+    if result.error_solved is not None:
+        log.errors[f"{name}_solved"] = result.error_solved
     return result.weights
 
 

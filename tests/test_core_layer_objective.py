@@ -5,12 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attnprune_opt.core import layer_objective
 from attnprune_opt.core.layer_objective import (
     AttentionOutputObjective,
     MLPObjective,
     activation_and_derivative,
     refit_kept_weights,
 )
+from attnprune_opt.core.masked_lstsq import masked_least_squares
 from attnprune_opt.core.solver import AdamConfig, adam
 
 TOL = 1e-8
@@ -231,3 +233,57 @@ def test_refit_kept_weights_lowers_the_error_and_keeps_the_pattern(kind, gen):
         assert torch.equal(weight, start[name].masked_fill(objective.keep[name] == 0, 0.0))
     with pytest.raises(ValueError, match="check_fraction"):
         refit_kept_weights(objective, config, check_fraction=0.0)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "attention"])
+def test_linear_system_gives_the_gradient_of_the_last_weight(kind, gen):
+    """With G, B from ``linear_system``, the objective's gradient in down_proj / o_proj is (W G - B) o M / T."""
+    if kind == "mlp":
+        objective, x, dense, _ = mlp_problem(gen, names=("down",), separate_targets=True)
+    else:
+        _, x, probs, dense, bias, _ = attention_problem(gen)
+        objective = AttentionOutputObjective(x, probs, dense, {"o": keep_half(dense["o"], gen)}, head_dim=HEAD_DIM,
+                                             v_bias=bias, o_bias=torch.randn(D, dtype=F64, generator=gen),
+                                             targets=torch.randn(x.shape, dtype=F64, generator=gen), chunk_size=2)
+    (params,) = tuple(p + 0.05 * torch.randn(p.shape, dtype=F64, generator=gen) for p in objective.initial_params())
+    _, (grad,) = objective.loss_and_grad((params,))
+    weights = objective.weights((params,))
+    gram, cross = objective.linear_system(weights)
+    name = objective.linear
+    expected = (weights[name] @ gram - cross) * objective.keep[name] / (x.shape[0] * x.shape[1])
+    assert rel(grad, expected) < TOL
+
+
+@pytest.mark.parametrize("kind", ["mlp", "attention"])
+def test_refit_with_a_solve_lowers_the_error_to_the_least_squares_optimum(kind, gen, monkeypatch):
+    objective = mlp_problem(gen)[0] if kind == "mlp" else attention_problem(gen)[0]
+    config = AdamConfig(iterations=20, lr=0.02, row_fraction=0.5, sequence_fraction=0.5, seed=3)
+    plain = refit_kept_weights(objective, config, check_fraction=1.0)
+    result = refit_kept_weights(objective, config, check_fraction=1.0, solve_iterations=200)
+    assert plain.error_solved is None and not plain.solved
+    assert (result.error_before, result.error_after, result.kept) == (plain.error_before, plain.error_after,
+                                                                      plain.kept)
+    assert result.solved and result.error_solved < result.error_after
+    assert result.error_solved == pytest.approx(objective.squared_error(result.weights) / objective.target_energy)
+    name = objective.linear
+    for other in objective.names:  # the solve moves only the last weight
+        if other != name:
+            assert torch.equal(result.weights[other], plain.weights[other])
+    gram, cross = objective.linear_system(plain.weights)
+    expected = masked_least_squares(gram, cross, objective.keep[name], plain.weights[name], iterations=200,
+                                    tol=1e-12)
+    assert rel(result.weights[name], expected) < 1e-6
+    # the damping pulls toward Adam's weights: a very strong one leaves them nearly in place
+    held = refit_kept_weights(objective, config, check_fraction=1.0, solve_iterations=200, solve_percdamp=1e6)
+    assert 0 < rel(held.weights[name], plain.weights[name]) < 1e-4
+    pruned = objective.keep[name] == 0
+    assert torch.equal(result.weights[name][pruned], torch.zeros_like(result.weights[name][pruned]))
+    assert not torch.signbit(result.weights[name][pruned]).any()
+    # a solve that makes it worse (here: a solver returning zeros) is dropped: Adam's weights come back
+    monkeypatch.setattr(layer_objective, "masked_least_squares", lambda gram, cross, keep, start, **_: 0 * start)
+    worse = refit_kept_weights(objective, config, check_fraction=1.0, solve_iterations=5)
+    assert not worse.solved and worse.error_solved > worse.error_after
+    assert all(torch.equal(worse.weights[n], plain.weights[n]) for n in objective.names)
+    without = mlp_problem(gen, names=("gate",))[0] if kind == "mlp" else attention_problem(gen, names=("v",))[0]
+    with pytest.raises(ValueError, match="solve_iterations needs"):
+        refit_kept_weights(without, config, solve_iterations=5)

@@ -21,7 +21,9 @@ def test_whole_layer_prune_is_exact_and_round_trips(kind, tmp_path):
 
 
 @pytest.mark.parametrize("settings", [{"refit_iterations": 10}, {"refit_iterations": 10, "pattern": "sparsegpt"},
-                                      {"refit_iterations": 10, "refit_qk": True}])
+                                      {"refit_iterations": 10, "refit_qk": True},
+                                      {"refit_iterations": 10, "solve_iterations": 20},
+                                      {"refit_iterations": 10, "solve_iterations": 20, "solve_percdamp": 1.0}])
 def test_every_row_is_exactly_2_of_4_and_each_refit_lowers_its_error(settings):
     model = tiny_model("llama")
     pruner = AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "structure": "2:4"}],
@@ -37,6 +39,29 @@ def test_every_row_is_exactly_2_of_4_and_each_refit_lowers_its_error(settings):
         errors = report.refit_errors
         assert errors["vo_after"] < errors["vo_before"] and errors["mlp_after"] < errors["mlp_before"], errors
         assert (report.attention is not None) == settings.get("refit_qk", False)
+        if settings.get("solve_iterations"):  # the least-squares solve of o_proj / down_proj lowers them further
+            assert errors["vo_solved"] < errors["vo_after"] and errors["mlp_solved"] < errors["mlp_after"], errors
+        else:
+            assert "vo_solved" not in errors and "mlp_solved" not in errors
+
+
+def test_solve_iterations_0_is_the_adam_refit_alone_and_a_solve_moves_only_o_and_down():
+    """solve_iterations 0 gives the plain refit bit for bit; with a solve, the first layer's q/k/v are the same
+    (o_proj and down_proj are solved after them) and its o_proj / down_proj differ, with the same zeros."""
+    rules = [{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}]
+    models = {}
+    for name, settings in (("default", {}), ("0", {"solve_iterations": 0}), ("20", {"solve_iterations": 20})):
+        models[name] = tiny_model("llama")
+        AttentionPruner(rules=rules, layer={"refit_iterations": 10, **settings}).prune_model(
+            models[name], calibration=calibration(), progress=False)
+    for (name, a), b in zip(models["default"].state_dict().items(), models["0"].state_dict().values()):
+        assert torch.equal(a, b), name
+    adapter = get_adapter(models["0"])
+    plain, solved = (adapter.layers(models[name])[0] for name in ("0", "20"))
+    for role in ROLES:
+        a, b = (read_matrix(layer, adapter.prunable(0, role)) for layer in (plain, solved))
+        assert torch.equal(a, b) == (role in ("q_proj", "k_proj", "v_proj")), role
+        assert torch.equal(a == 0, b == 0), role
 
 
 def test_without_refit_the_kept_weights_are_wandas():
@@ -54,6 +79,12 @@ def test_settings_the_method_does_not_read_are_errors():
     with pytest.raises(RecipeError, match="layer.refit_lr: not used: read only when refit_iterations > 0"):
         AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}],
                         layer={"refit_iterations": 0, "refit_lr": 0.1})
+    with pytest.raises(RecipeError, match="layer.solve_iterations: not used: read only when refit_iterations > 0"):
+        AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}],
+                        layer={"refit_iterations": 0, "solve_iterations": 10})
+    with pytest.raises(RecipeError, match="layer.solve_percdamp: not used: read only when solve_iterations > 0"):
+        AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}],
+                        layer={"refit_iterations": 10, "solve_percdamp": 1.0})
     with pytest.raises(RecipeError, match="sparsegpt: settings of method 'sparsegpt', which no rule uses"):
         AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}],
                         sparsegpt={"blocksize": 32})

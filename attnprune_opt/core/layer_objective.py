@@ -11,7 +11,9 @@ pruned entries exactly zero), with closed-form gradients (docs/method.md section
 The targets Y0 default to the dense sub-block on the same inputs; passing them separately lets the inputs come from
 the pruned model while the targets come from the dense one. Both are sums over tokens (attention: over query rows,
 every key of a chosen sequence kept), so a step can estimate them from a sample (:func:`objective.sample_rows`)
-and ``solver.adam`` descends them like the q/k refit.
+and ``solver.adam`` descends them like the q/k refit. With the other weights fixed, each sub-block's output is
+linear in its last weight (down_proj, o_proj): :meth:`_KeptValues.linear_system` gives that least-squares problem's
+G and B on every token, which :func:`masked_lstsq.masked_least_squares` solves exactly over the kept entries.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .masked_lstsq import masked_least_squares
 from .objective import Params, RowSample, as_batches, sample_parts, sample_rows, select_rows
 from .solver import AdamConfig, adam
 
@@ -63,11 +66,13 @@ class _KeptValues:
     """Parameters are the values of the kept entries of the optimised weights; the weights used are B o V, so
     pruned entries stay exactly zero (their gradient is zero, and Adam leaves a zero-gradient entry in place).
 
-    Subclasses give ``batches`` (b, n, d), ``targets`` and ``_data_loss_and_grad(weights, sample)``.
+    Subclasses give ``batches`` (b, n, d), ``targets``, ``_data_loss_and_grad(weights, sample)``, the name of the
+    weight the output is linear in (``linear``) and ``_features(batch, weights)``.
     """
 
     batches: list[Tensor]
     targets: list[Tensor]
+    linear: str
 
     def __init__(self, dense: Mapping[str, Tensor], keep: Mapping[str, Tensor], start: Mapping[str, Tensor] | None,
                  allowed: tuple[str, ...]) -> None:
@@ -118,6 +123,21 @@ class _KeptValues:
         """||Y0||_F^2, the denominator of the relative error."""
         return float(sum(t.pow(2).sum() for t in self.targets))
 
+    def _features(self, batch: int, weights: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def linear_system(self, weights: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """G = F^T F and B = (Y0 - bias)^T F over every token, F the input features of the ``linear`` weight with
+        the other ``weights`` as given: ||Y - Y0||^2 = ||F W^T - (Y0 - bias)||^2 is quadratic in that weight, with
+        gradient W G - B."""
+        weights = {**self.fixed, **weights}
+        gram = cross = None
+        for batch in range(len(self.batches)):
+            features, targets = self._features(batch, weights)
+            gram = features.T @ features if gram is None else gram + features.T @ features
+            cross = targets.T @ features if cross is None else cross + targets.T @ features
+        return gram, cross
+
     def loss(self, params: Params) -> float:
         value, _ = self._data_loss_and_grad(self.weights(params), None, ())
         return float(value) / self.tokens
@@ -140,6 +160,8 @@ class MLPObjective(_KeptValues):
     dW_d = R^T H,  dW_u = (R W_d o act(A))^T X,  dW_g = (R W_d o U o act'(A))^T X.
     """
 
+    linear = "down"
+
     def __init__(self, x: Tensor | Sequence[Tensor], dense: Mapping[str, Tensor], keep: Mapping[str, Tensor], *,
                  start: Mapping[str, Tensor] | None = None, targets: Tensor | Sequence[Tensor] | None = None,
                  activation: str = "silu", chunk_size: int | None = None) -> None:
@@ -159,6 +181,10 @@ class MLPObjective(_KeptValues):
         act, dact = activation_and_derivative(a, self.activation)
         h = act * u
         return h @ w["down"].T, h, u, act, dact
+
+    def _features(self, batch: int, weights: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        x = self.batches[batch].reshape(-1, self.batches[batch].shape[-1])
+        return self._forward(x, weights)[1], self.targets[batch].reshape(x.shape[0], -1)
 
     def _data_loss_and_grad(self, weights: dict[str, Tensor], sample: RowSample | None,
                             names: tuple[str, ...]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -194,6 +220,8 @@ class AttentionOutputObjective(_KeptValues):
     dZ = R W_o: dW_o = R^T Z, dV_g = sum_{h in g} P_h^T dZ_h, dW_v = dV^T X. A sampled step takes query rows of
     P (their V needs every key of the sequence).
     """
+
+    linear = "o"
 
     def __init__(self, x: Tensor | Sequence[Tensor], probs: Tensor | Sequence[Tensor], dense: Mapping[str, Tensor],
                  keep: Mapping[str, Tensor], *, head_dim: int, start: Mapping[str, Tensor] | None = None,
@@ -234,6 +262,11 @@ class AttentionOutputObjective(_KeptValues):
             y = y + self.o_bias
         return y, z, grouped
 
+    def _features(self, batch: int, weights: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        z = self._forward(self.batches[batch], self.probs[batch], weights)[1]
+        targets = self.targets[batch] - (0 if self.o_bias is None else self.o_bias)
+        return z.reshape(-1, z.shape[-1]), targets.reshape(z.shape[0] * z.shape[1], -1)
+
     def _data_loss_and_grad(self, weights: dict[str, Tensor], sample: RowSample | None,
                             names: tuple[str, ...]) -> tuple[Tensor, dict[str, Tensor]]:
         value = torch.zeros((), dtype=weights["o"].dtype)
@@ -262,35 +295,53 @@ class AttentionOutputObjective(_KeptValues):
 @dataclass(frozen=True)
 class RefitResult:
     """Fitted weights of the optimised names (pruned entries exactly +0.0), the relative errors before and after
-    (on the check sample), and whether the refit was kept."""
+    Adam (on the check sample) and whether its result was kept; with a least-squares solve, the error after it
+    (None without) and whether it was kept."""
 
     weights: dict[str, Tensor]
     error_before: float
     error_after: float
     kept: bool
+    error_solved: float | None = None
+    solved: bool = False
 
 
 def refit_kept_weights(objective: MLPObjective | AttentionOutputObjective, config: AdamConfig,
-                       check_fraction: float = 0.25) -> RefitResult:
+                       check_fraction: float = 0.25, solve_iterations: int = 0,
+                       solve_percdamp: float = 0.01) -> RefitResult:
     """Adam on the kept values (each weight's step relative to its RMS), kept only if it lowers the relative error
     ||Y - Y0||^2 / ||Y0||^2, compared on one fixed sample of ``check_fraction`` of every sequence's tokens (exact
-    at 1), drawn from ``config.seed``."""
+    at 1), drawn from ``config.seed``. With ``solve_iterations``, the weight the output is linear in
+    (``objective.linear``, which must be optimised) is then solved for by masked least squares on every token, the
+    others as Adam left them (at most that many conjugate-gradient steps, damped toward Adam's values by
+    ``solve_percdamp`` of mean diag G), kept only if it lowers the error too."""
     if not 0 < check_fraction <= 1:
         raise ValueError(f"check_fraction must be in (0, 1], got {check_fraction}")
+    if solve_iterations and objective.linear not in objective.names:
+        raise ValueError(f"solve_iterations needs {objective.linear!r} optimised, got {', '.join(objective.names)}")
     start = objective.initial_params()
     check = None if check_fraction == 1 else objective.sample(check_fraction, 1.0,
                                                               torch.Generator().manual_seed(config.seed))
     energy = objective.target_energy
 
-    def error(params: Params) -> float:
-        return objective.squared_error(objective.weights(params), check) / energy
+    def error(weights: Mapping[str, Tensor]) -> float:
+        return objective.squared_error(weights, check) / energy
 
     scales = tuple(float(objective.dense[name].pow(2).mean().sqrt()) or 1.0 for name in objective.names)
     fitted = adam(objective, config, scales).masks
-    before, after = error(start), error(fitted)
+    before, after = error(objective.weights(start)), error(objective.weights(fitted))
     chosen = objective.weights(fitted if after < before else start)
+    solved_error, solved = None, False
+    if solve_iterations:
+        name = objective.linear
+        gram, cross = objective.linear_system(chosen)
+        candidate = {**chosen, name: masked_least_squares(gram, cross, objective.keep[name], chosen[name],
+                                                          iterations=solve_iterations, percdamp=solve_percdamp)}
+        solved_error = error(candidate)
+        solved = solved_error < min(before, after)
+        chosen = candidate if solved else chosen
     weights = {name: chosen[name].masked_fill(objective.keep[name] == 0, 0.0) for name in objective.names}
-    return RefitResult(weights, before, after, after < before)
+    return RefitResult(weights, before, after, after < before, solved_error, solved)
 
 
 def _accumulate(grads: dict[str, Tensor], name: str, part: Tensor) -> None:

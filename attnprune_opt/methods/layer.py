@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import Tensor
 
 from ..core import InputStatistics, multihead_attention_probs, sparsegpt, wanda_mask
-from ..core.layer_objective import AttentionOutputObjective, MLPObjective, refit_kept_weights
+from ..core.layer_objective import AttentionOutputObjective, MLPObjective, RefitResult, refit_kept_weights
 from ..core.solver import AdamConfig
 from ..errors import ConfigError
 from .attention import SOLVE_DTYPE, AttentionInputs, AttentionSettings, batches_by_length, prune_attention
@@ -28,7 +28,11 @@ class LayerSettings(MethodSettings):
     """``pattern``: Wanda's score, or SparseGPT's pattern with its updated weights as the refit's start;
     ``refit_qk``: also fit q/k to the attention probabilities (the attention method's refit, its defaults);
     the ``refit_*`` settings drive Adam on the v/o and MLP sub-blocks (steps sampled like the q/k refit's), and a
-    refit is kept only if it lowers the sub-block's error on a fixed ``check_fraction`` of the tokens."""
+    refit is kept only if it lowers the sub-block's error on a fixed ``check_fraction`` of the tokens;
+    ``solve_iterations`` > 0 then solves o_proj and down_proj (each sub-block's output is linear in it) by masked
+    least squares on every calibration token, at most that many conjugate-gradient steps, kept on the same test,
+    damped toward the Adam refit's weights by ``solve_percdamp`` x mean diag of the features' Gram matrix (strong at
+    8 calibration sequences, where the undamped fit over-fits; docs/method.md section 8c)."""
 
     pattern: Literal["wanda", "sparsegpt"] = "wanda"
     refit_qk: bool = False
@@ -37,12 +41,14 @@ class LayerSettings(MethodSettings):
     refit_row_fraction: float = Field(default=0.125, gt=0.0, le=1.0, allow_inf_nan=False)
     refit_sequence_fraction: float = Field(default=0.5, gt=0.0, le=1.0, allow_inf_nan=False)
     check_fraction: float = Field(default=0.25, gt=0.0, le=1.0, allow_inf_nan=False)
+    solve_iterations: int = Field(default=0, ge=0)
+    solve_percdamp: float = Field(default=0.01, ge=0.0, allow_inf_nan=False)
 
     def unused(self) -> dict[str, str]:
-        if self.refit_iterations:
-            return {}
-        return dict.fromkeys(("refit_lr", "refit_row_fraction", "refit_sequence_fraction", "check_fraction"),
-                             "read only when refit_iterations > 0")
+        if not self.refit_iterations:
+            return dict.fromkeys(("refit_lr", "refit_row_fraction", "refit_sequence_fraction", "check_fraction",
+                                  "solve_iterations", "solve_percdamp"), "read only when refit_iterations > 0")
+        return {} if self.solve_iterations else {"solve_percdamp": "read only when solve_iterations > 0"}
 
     def reads_settings_of(self) -> tuple[str, ...]:
         return ("sparsegpt",) if self.pattern == "sparsegpt" else ()
@@ -132,8 +138,9 @@ class Layer(PruningMethod):
             x, probs, {"v": dense["v_proj"], "o": dense["o_proj"]}, {"v": keep["v_proj"], "o": keep["o_proj"]},
             head_dim=spec.head_dim, start={"v": weights["v_proj"], "o": weights["o_proj"]},
             v_bias=bias["v_proj"], o_bias=bias["o_proj"], targets=targets)
-        result = refit_kept_weights(objective, adam, settings.check_fraction)
-        errors["vo_before"], errors["vo_after"] = result.error_before, result.error_after
+        result = refit_kept_weights(objective, adam, settings.check_fraction, settings.solve_iterations,
+                                    settings.solve_percdamp)
+        errors.update(_refit_errors("vo", result))
         return {"v_proj": result.weights["v"], "o_proj": result.weights["o"]}
 
     @staticmethod
@@ -147,6 +154,15 @@ class Layer(PruningMethod):
         objective = MLPObjective(x, {n: dense[r] for n, r in names.items()}, {n: keep[r] for n, r in names.items()},
                                  start={n: weights[r] for n, r in names.items()}, targets=targets,
                                  activation=context.adapter.mlp_activation())
-        result = refit_kept_weights(objective, adam, settings.check_fraction)
-        errors["mlp_before"], errors["mlp_after"] = result.error_before, result.error_after
+        result = refit_kept_weights(objective, adam, settings.check_fraction, settings.solve_iterations,
+                                    settings.solve_percdamp)
+        errors.update(_refit_errors("mlp", result))
         return {r: result.weights[n] for n, r in names.items()}
+
+
+def _refit_errors(prefix: str, result: RefitResult) -> dict[str, float]:
+    """The sub-block's relative errors for the layer report: before, after Adam and, if run, after the solve."""
+    errors = {f"{prefix}_before": result.error_before, f"{prefix}_after": result.error_after}
+    if result.error_solved is not None:
+        errors[f"{prefix}_solved"] = result.error_solved
+    return errors
