@@ -19,6 +19,7 @@ G and B on every token, which :func:`masked_lstsq.masked_least_squares` solves e
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -62,7 +63,7 @@ def _aligned(t: Tensor | Sequence[Tensor], batches: list[Tensor], chunk_size: in
     return out
 
 
-class _KeptValues:
+class _KeptValues(ABC):
     """Parameters are the values of the kept entries of the optimised weights; the weights used are B o V, so
     pruned entries stay exactly zero (their gradient is zero, and Adam leaves a zero-gradient entry in place).
 
@@ -107,9 +108,10 @@ class _KeptValues:
         """A share of the sequences and of their tokens (query rows), unbiasedly weighted."""
         return sample_rows(self.batches, row_fraction, sequence_fraction, generator)
 
+    @abstractmethod
     def _data_loss_and_grad(self, weights: dict[str, Tensor], sample: RowSample | None,
                             names: tuple[str, ...]) -> tuple[Tensor, dict[str, Tensor]]:
-        raise NotImplementedError
+        """Half the squared error (over ``sample``'s rows, or all) and its gradient w.r.t. ``names``' weights."""
 
     def squared_error(self, weights: Mapping[str, Tensor], sample: RowSample | None = None) -> float:
         """||Y - Y0||_F^2 over every token with these weights (the numerator of the relative error), or its
@@ -123,8 +125,9 @@ class _KeptValues:
         """||Y0||_F^2, the denominator of the relative error."""
         return float(sum(t.pow(2).sum() for t in self.targets))
 
+    @abstractmethod
     def _features(self, batch: int, weights: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """The ``linear`` weight's input features and its targets (bias removed) on one batch, every token."""
 
     def linear_system(self, weights: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """G = F^T F and B = (Y0 - bias)^T F over every token, F the input features of the ``linear`` weight with
