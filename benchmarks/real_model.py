@@ -9,9 +9,12 @@ WikiText-2 and C4 perplexity, the attention error (C4 rows 1000-1007, 256 tokens
 inputs) and lm-eval accuracy on a subset. ``--quick``: the README's quick protocol (64 WikiText-2 windows, the
 first 32 C4 documents) and 50 examples per task; the full run: all windows, 128 documents, 500 examples.
 
-Writes real_model.json (one record per configuration), real_model.md and real_model.png into --out.
+Writes real_model.json (one record per configuration, each naming the command that produced it), real_model.md and
+real_model.png into --out. ``--join DIR ...`` runs nothing: it combines the records of earlier outputs (parts of one
+protocol run side by side, one per core) into one table, plot and README section.
 Usage: python benchmarks/real_model.py [--quick] --out DIR [--overwrite] [--only CONFIG ...] [--methods METHOD ...]
        [--tasks [TASK ...]] [--limit N] [--readme SECTION] [--model PATH]
+       python benchmarks/real_model.py --join DIR [DIR ...] --out DIR [--overwrite] [--readme SECTION]
 """
 
 from __future__ import annotations
@@ -170,7 +173,8 @@ def _ratios(records: list[dict], dense: dict | None) -> str:
         time_ratio = _time_ratio(ours, group["sparsegpt"]) if "sparsegpt" in group else "–"
         out.append(f"| {config} | {ours['attention_error'] / best_err:.2f} | {', '.join(increases)} | {time_ratio} |")
     whole = ["", "| config | perplexity ÷ the better baseline's (WikiText-2, C4) | target | "
-                 "prune time ÷ SparseGPT's (wall, CPU) | target |", "|---|---|---|---|---|"]
+                 "prune time ÷ SparseGPT's (wall, CPU) | target | mean accuracy: method − better baseline |",
+             "|---|---|---|---|---|---|"]
     for config, target in WHOLE_TARGETS.items():
         group = {r["method"]: r for r in records if r["config"] == config}
         if not {"layer", "wanda", "sparsegpt"} <= set(group):
@@ -178,8 +182,26 @@ def _ratios(records: list[dict], dense: dict | None) -> str:
         ours = group["layer"]
         ratios = [ours[key] / min(group["wanda"][key], group["sparsegpt"][key]) for key in ("wikitext2_ppl", "c4_ppl")]
         whole.append(f"| {config} | {', '.join(f'{r:.3f}' for r in ratios)} | ≤ {target} | "
-                     f"{_time_ratio(ours, group['sparsegpt'])} | ≤ 3 |")
+                     f"{_time_ratio(ours, group['sparsegpt'])} | ≤ 3 | "
+                     f"{_accuracy_gain(ours, [group['wanda'], group['sparsegpt']])} |")
     return "\n".join((out if len(out) > 2 else []) + (whole if len(whole) > 4 else []))
+
+
+def _mean_accuracy(record: dict) -> tuple[float, float] | None:
+    """The mean accuracy over the record's tasks and its standard error (tasks independent)."""
+    accs, errs = record["lm_eval"], record.get("lm_eval_stderr", {})
+    if not accs or any(accs[t] is None or errs.get(t) is None for t in accs):
+        return None
+    return sum(accs.values()) / len(accs), sum(errs[t] ** 2 for t in accs) ** 0.5 / len(accs)
+
+
+def _accuracy_gain(ours: dict, baselines: list[dict]) -> str:
+    """The method's mean accuracy minus the better baseline's, ± the difference's standard error."""
+    means = [_mean_accuracy(r) for r in (ours, *baselines)]
+    if any(m is None for m in means) or len({tuple(r["lm_eval"]) for r in (ours, *baselines)}) > 1:
+        return "–"
+    best = max(means[1:])
+    return f"{means[0][0] - best[0]:+.3f} ± {(means[0][1] ** 2 + best[1] ** 2) ** 0.5:.3f}"
 
 
 def _time_ratio(ours: dict, baseline: dict) -> str:
@@ -224,15 +246,37 @@ def readme_markers(section: str) -> tuple[str, str]:
     return f"<!-- {section}:start -->", f"<!-- {section}:end -->"
 
 
-def update_readme(records: list[dict], arguments: list[str], section: str) -> None:
-    """Regenerate a results section of README.md from this run's records, naming the command that produced them."""
+def join(parts: list[Path]) -> list[dict]:
+    """The records of earlier outputs, in the order :func:`configurations` runs them; a configuration and method
+    measured twice, or parts run with different protocols, are refused (they would not compare)."""
+    records = [r for part in parts for r in json.loads((part / "real_model.json").read_text())]
+    seen: set[tuple[str, str]] = set()
+    for r in records:
+        key = (r["config"], r["method"])
+        if key in seen:
+            raise SystemExit(f"{key[0]} {key[1]} is in more than one of {', '.join(map(str, parts))}")
+        seen.add(key)
+    protocols = {json.dumps(r["protocol"], sort_keys=True)
+                 for r in records}
+    if len(protocols) > 1:
+        raise SystemExit(f"the parts were evaluated with different protocols: {sorted(protocols)}")
+    order = {(r["config"], r["method"]): i for i, r in enumerate(configurations())}
+    return sorted(records, key=lambda r: order.get((r["config"], r["method"]), len(order)))
+
+
+def commands(records: list[dict]) -> str:
+    runs = (f"python benchmarks/real_model.py {r['command']}" for r in records if "command" in r)
+    return "` and `".join(dict.fromkeys(runs))
+
+
+def update_readme(records: list[dict], section: str) -> None:
+    """Regenerate a results section of README.md from these records, naming the commands that produced them."""
     readme = REPO / "README.md"
     text = readme.read_text()
     README_START, README_END = readme_markers(section)
     if README_START not in text or README_END not in text:
         raise SystemExit(f"README.md lacks the {README_START} ... {README_END} markers")
-    body = (f"Generated by `python benchmarks/real_model.py {' '.join(arguments)}` "
-            f"(SmolLM2-135M, CPU).\n\n{markdown(records)}\n")
+    body = f"Generated by `{commands(records)}` (SmolLM2-135M, CPU).\n\n{markdown(records)}\n"
     head, rest = text.split(README_START, 1)
     tail = rest.split(README_END, 1)[1]
     readme.write_text(f"{head}{README_START}\n{body}{README_END}{tail}")
@@ -251,14 +295,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="regenerate this section of README.md (results: q/k rows; whole: whole-model rows)")
     parser.add_argument("--limit", type=int, help="lm-eval documents per task (default 50 with --quick, else 500)")
     parser.add_argument("--model", help="a model folder or .gguf file instead of SmolLM2-135M (README: other families)")
+    parser.add_argument("--join", nargs="+", type=Path, metavar="DIR",
+                        help="run nothing: combine these earlier outputs' records")
     args = parser.parse_args(argv)
     if args.readme and args.model:
         parser.error("--readme regenerates the SmolLM2 results; run another --model without it")
     check_output_dir(args.out, args.overwrite)
-    runs = [r for r in configurations() if (not args.only or r["config"] in args.only)
-            and (not args.methods or r["method"] in args.methods or r["config"] == "dense")]
-    with tempfile.TemporaryDirectory(prefix="attnprune-bench-") as work:
-        records = run_all(runs, args.quick, Path(work), tuple(args.tasks), args.model, args.limit)
+    if args.join:
+        missing = [str(part) for part in args.join if not (part / "real_model.json").is_file()]
+        if missing:
+            parser.error(f"no real_model.json in {', '.join(missing)}")
+        records = join(args.join)
+    else:
+        runs = [r for r in configurations() if (not args.only or r["config"] in args.only)
+                and (not args.methods or r["method"] in args.methods or r["config"] == "dense")]
+        with tempfile.TemporaryDirectory(prefix="attnprune-bench-") as work:
+            records = run_all(runs, args.quick, Path(work), tuple(args.tasks), args.model, args.limit)
+        command = " ".join(sys.argv[1:] if argv is None else argv)
+        records = [{**r, "command": command} for r in records]
     table = markdown(records)
     with atomic_output_dir(args.out, args.overwrite) as tmp:
         (tmp / "real_model.json").write_text(json.dumps(records, indent=1))
@@ -266,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / "real_model.md").write_text(f"# {name}: the method against linear pruning\n\n{table}\n")
         plot(records, tmp / "real_model.png")
     if args.readme:
-        update_readme(records, sys.argv[1:] if argv is None else argv, args.readme)
+        update_readme(records, args.readme)
     print(table)
     return 0
 
