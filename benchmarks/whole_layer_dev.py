@@ -36,7 +36,7 @@ from attnprune_opt.core.layer_objective import AttentionOutputObjective, MLPObje
 from attnprune_opt.core.solver import AdamConfig
 from attnprune_opt.data import CalibrationSpec, load_calibration
 from attnprune_opt.evaluation.perplexity import c4_perplexity, wikitext2_perplexity
-from attnprune_opt.methods.attention import AttentionInputs, AttentionSettings, prune_attention
+from attnprune_opt.methods.attention import AttentionInputs, AttentionSettings, batches_by_length, prune_attention
 from attnprune_opt.methods.magnitude import apply_mask
 from attnprune_opt.models.loading import load_model, load_tokenizer
 from attnprune_opt.models.registry import get_adapter
@@ -151,9 +151,9 @@ def sparsity_of(structure: str) -> float:
 
 
 def stacked(tensors: list[Tensor]) -> list[Tensor]:
-    """One (b, n, d) batch per sequence length (calibration documents can be shorter than seq_len), in the order
-    of ``AttentionInputs.batches``."""
-    return AttentionInputs(tensors, None).batches()
+    """One (b, n, d) batch per sequence length (calibration documents can be shorter than seq_len), as the
+    package's whole-layer method batches them."""
+    return batches_by_length(tensors)
 
 
 def statistics(xs: list[Tensor], hessian: bool) -> InputStatistics:
