@@ -71,7 +71,9 @@ class Variant:
     mlp: Refit | None = Refit()
     # "dense": the dense layer's sub-block outputs on the dense model's inputs; "pruned": on the pruned model's;
     # "residual": what makes the residual stream match the dense model's after each sub-block (dense sub-block
-    # output on dense inputs plus the dense-minus-pruned residual stream entering it)
+    # output on dense inputs plus the dense-minus-pruned residual stream entering it); "layer": pruned-input
+    # targets, but the MLP's also carries what the fitted attention sub-block still misses, so the two sub-blocks
+    # together aim at the dense layer's output on the pruned model's inputs
     targets: str = "dense"
 
 
@@ -115,6 +117,11 @@ VARIANTS = {
     "wanda+vo+mlp/pruned-targets 60 it lr 0.02 seqs 1/32 + solve 30 toward Adam damp 1": Variant(
         vo=Refit(60, lr=0.02, sequence_fraction=1 / 32, solve_iterations=30, solve_percdamp=1.0),
         mlp=Refit(60, lr=0.02, sequence_fraction=1 / 32, solve_iterations=30, solve_percdamp=1.0), targets="pruned"),
+    "wanda+vo+mlp/layer-targets 60 it lr 0.02": Variant(vo=Refit(60, lr=0.02), mlp=Refit(60, lr=0.02),
+                                                        targets="layer"),
+    "wanda+vo+mlp/layer-targets 60 it lr 0.02 + solve 30 toward Adam damp 1": Variant(
+        vo=Refit(60, lr=0.02, solve_iterations=30, solve_percdamp=1.0),
+        mlp=Refit(60, lr=0.02, solve_iterations=30, solve_percdamp=1.0), targets="layer"),
     "wanda+vo+mlp rows 1/16 all seqs": Variant(vo=Refit(row_fraction=1 / 16, sequence_fraction=1.0),
                                                mlp=Refit(row_fraction=1 / 16, sequence_fraction=1.0)),
 }
@@ -186,10 +193,10 @@ def prune_layer(adapter, index: int, layer, pruned_in: list[LayerInput], dense_i
         with record_linear_inputs(linears, keep=["q_proj", "o_proj", "gate_proj", "down_proj"]) as on_pruned:
             run_layer(layer, pruned_in)
         dense_out = None
-        if variant.targets != "pruned":
+        if variant.targets not in ("pruned", "layer"):
             with record_linear_inputs(linears, keep=["o_proj", "down_proj"]) as on_dense:
                 dense_out = run_layer(layer, dense_in)
-        target_source = on_pruned if variant.targets == "pruned" else on_dense
+        target_source = on_pruned if variant.targets in ("pruned", "layer") else on_dense
         drift = None  # dense minus pruned residual stream entering the layer
         if variant.targets == "residual":
             drift = [a - b for a, b in zip(stacked([item.hidden for item in dense_in]),
@@ -250,6 +257,10 @@ def prune_layer(adapter, index: int, layer, pruned_in: list[LayerInput], dense_i
                 attention = [o @ weights["o_proj"].T - t @ dense["o_proj"].T for o, t in
                              zip(stacked(after_attention.tensors["o_proj"]), stacked(on_dense.tensors["o_proj"]))]
                 targets = [t + e - a for t, e, a in zip(targets, drift, attention)]
+            if variant.targets == "layer":  # dense minus fitted attention output, both on the pruned inputs
+                missed = [t @ dense["o_proj"].T - o @ weights["o_proj"].T for o, t in
+                          zip(stacked(after_attention.tensors["o_proj"]), stacked(on_pruned.tensors["o_proj"]))]
+                targets = [t + e for t, e in zip(targets, missed)]
             objective = MLPObjective(
                 stacked(after_attention.tensors["gate_proj"]),
                 {"gate": dense["gate_proj"], "up": dense["up_proj"], "down": dense["down_proj"]},
