@@ -107,6 +107,9 @@ VARIANTS = {
     "wanda+vo+mlp/pruned-targets 60 it lr 0.02 seqs 1/8 + solve 30 toward Adam": Variant(
         vo=Refit(60, lr=0.02, sequence_fraction=0.125, solve_iterations=30),
         mlp=Refit(60, lr=0.02, sequence_fraction=0.125, solve_iterations=30), targets="pruned"),
+    "wanda+vo+mlp/pruned-targets 60 it lr 0.02 + solve 10 toward Adam damp 1": Variant(
+        vo=Refit(60, lr=0.02, solve_iterations=10, solve_percdamp=1.0),
+        mlp=Refit(60, lr=0.02, solve_iterations=10, solve_percdamp=1.0), targets="pruned"),
     "wanda+qk+vo+mlp/pruned-targets 60 it lr 0.02 + solve 30 toward Adam damp 1": Variant(
         qk=True, vo=Refit(60, lr=0.02, solve_iterations=30, solve_percdamp=1.0),
         mlp=Refit(60, lr=0.02, solve_iterations=30, solve_percdamp=1.0), targets="pruned"),
