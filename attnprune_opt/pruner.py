@@ -63,9 +63,9 @@ class AttentionPruner:
         start, start_cpu = time.perf_counter(), time.process_time()
         adapter = get_adapter(model)
         world = current_world()
+        check_config_fits(self.config, adapter, model)
         calib = self._calibration(model, tokenizer, calibration)
         check_positions(self.config, model, max(len(s) for s in calib.sequences))
-        check_config_fits(self.config, adapter, model)
         with evaluating(model), torch.no_grad():
             inputs = capture_layer_inputs(model, adapter.layers(model), world.shard(calib.sequences))
             layers = prune_layers(adapter, model, inputs, self.config, progress=progress and world.is_main,

@@ -141,3 +141,30 @@ def assert_save_and_load_are_bit_exact(model, pruner: AttentionPruner, out: Path
 def assert_recipe_prunes_and_round_trips(model, recipe: dict, out: Path) -> None:
     """Both of the above in turn: prune ``model`` with ``recipe`` to exact sparsity, then save and load it back."""
     assert_save_and_load_are_bit_exact(model, assert_prunes_to_exact_sparsity(model, recipe), out)
+
+
+def assert_residual_claim_is_the_models(model, ids: torch.Tensor) -> None:
+    """The adapter's ``residual_adds_projections`` is what the model computes: a layer's output minus its input
+    is o_proj's output plus down_proj's exactly when the adapter says so (the whole-layer method's layer targets
+    rely on it)."""
+    adapter = get_adapter(model)
+    layer = adapter.layers(model)[0]
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        return lambda module, args, output: seen.__setitem__(name, output[0] if isinstance(output, tuple) else output)
+
+    modules = {role: layer.get_submodule(adapter.prunable(0, role).module) for role in ("o_proj", "down_proj")}
+    handles = [module.register_forward_hook(keep(role)) for role, module in modules.items()]
+    handles.append(layer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.__setitem__("input", args[0] if args else kwargs["hidden_states"]),
+        with_kwargs=True))
+    handles.append(layer.register_forward_hook(keep("output")))
+    try:
+        with torch.no_grad():
+            model(ids.reshape(1, -1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    added = torch.allclose(seen["output"] - seen["input"], seen["o_proj"] + seen["down_proj"], atol=1e-5)
+    assert added == adapter.residual_adds_projections, (model.config.model_type, added)

@@ -5,10 +5,11 @@ exactly, save -> load is bit-exact."""
 import pytest
 from transformers import Gemma2Config
 
-from attnprune_opt.errors import UnsupportedArchitectureError
+from attnprune_opt import AttentionPruner
+from attnprune_opt.errors import ConfigError, UnsupportedArchitectureError
 from attnprune_opt.models.registry import adapter_for_config, get_adapter
 from family_checks import (RECIPES, TINY_SHAPE, assert_adapter_attention_is_exact, assert_recipe_prunes_and_round_trips,
-                           tiny_family_model)
+                           assert_residual_claim_is_the_models, tiny_family_model)
 from tiny_models import calibration
 
 
@@ -34,3 +35,12 @@ def test_bidirectional_attention_is_refused_by_name():
 @pytest.mark.parametrize("recipe", RECIPES.values(), ids=RECIPES.keys())
 def test_recipes_prune_exactly_and_save_load_is_bit_exact(recipe, tmp_path):
     assert_recipe_prunes_and_round_trips(tiny_family_model(gemma2_config()), recipe, tmp_path)
+
+
+def test_sub_block_outputs_are_normalised_so_layer_targets_are_refused_before_calibration():
+    model = tiny_family_model(gemma2_config())
+    assert_residual_claim_is_the_models(model, calibration()[0])
+    pruner = AttentionPruner(rules=[{"modules": ["v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                      "method": "layer", "sparsity": 0.5}], layer={"targets": "layer"})
+    with pytest.raises(ConfigError, match="layer.targets: 'layer' .* normalises each sub-block's output"):
+        pruner.prune_model(model, calibration=calibration(), progress=False)

@@ -3,7 +3,7 @@ their errors, and a whole-model prune saves and loads bit-exactly in both format
 
 import pytest
 import torch
-from family_checks import assert_recipe_prunes_and_round_trips
+from family_checks import assert_recipe_prunes_and_round_trips, assert_residual_claim_is_the_models
 from tiny_models import calibration, tiny_model
 
 from attnprune_opt import AttentionPruner
@@ -11,6 +11,7 @@ from attnprune_opt.errors import RecipeError
 from attnprune_opt.models.base import ROLES, read_matrix
 from attnprune_opt.models.registry import get_adapter
 
+MLP = ("gate_proj", "up_proj", "down_proj")
 WHOLE_LAYER = {"rules": [{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}],
                "layer": {"refit_iterations": 10}}
 
@@ -23,7 +24,8 @@ def test_whole_layer_prune_is_exact_and_round_trips(kind, tmp_path):
 @pytest.mark.parametrize("settings", [{"refit_iterations": 10}, {"refit_iterations": 10, "pattern": "sparsegpt"},
                                       {"refit_iterations": 10, "refit_qk": True},
                                       {"refit_iterations": 10, "solve_iterations": 20},
-                                      {"refit_iterations": 10, "solve_iterations": 20, "solve_percdamp": 1.0}])
+                                      {"refit_iterations": 10, "solve_iterations": 20, "solve_percdamp": 1.0},
+                                      {"refit_iterations": 10, "targets": "layer"}])
 def test_every_row_is_exactly_2_of_4_and_each_refit_lowers_its_error(settings):
     model = tiny_model("llama")
     pruner = AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "structure": "2:4"}],
@@ -107,3 +109,40 @@ def test_fused_and_ungated_families(tmp_path):
         recipe = {"rules": [{"modules": list(roles), "method": "layer", "sparsity": 0.5}],
                   "layer": {"refit_iterations": 5}}
         assert_recipe_prunes_and_round_trips(model, recipe, tmp_path / name)
+
+
+def _first_layer_error(model, dense) -> float:
+    """||h1 - h1_dense|| / ||h1_dense||: the first decoder layer's output against the dense model's, on the same
+    (unpruned) embeddings."""
+    ids = calibration()[0].reshape(1, -1)
+    with torch.no_grad():
+        ours, theirs = (m(ids, output_hidden_states=True).hidden_states[1] for m in (model, dense))
+    return float((ours - theirs).norm() / theirs.norm())
+
+
+def test_layer_targets_fit_the_layer_output_and_change_only_the_mlp():
+    """targets 'layer': the attention sub-block is fitted as with 'sub_block' (q/k/v/o identical), and the MLP,
+    also asked to make up the attention's remaining error, brings the first layer's output closer to the dense
+    layer's; with the attention left dense there is nothing to make up and the result is 'sub_block''s bit for
+    bit."""
+    dense = tiny_model("llama")
+    models = {}
+    for name, modules, targets in (("sub_block", ROLES, "sub_block"), ("layer", ROLES, "layer"),
+                                   ("mlp_sub_block", MLP, "sub_block"), ("mlp_layer", MLP, "layer")):
+        models[name] = tiny_model("llama")
+        AttentionPruner(rules=[{"modules": list(modules), "method": "layer", "sparsity": 0.5}],
+                        layer={"refit_iterations": 10, "targets": targets}).prune_model(
+            models[name], calibration=calibration(), progress=False)
+    adapter = get_adapter(dense)
+    first = {name: adapter.layers(model)[0] for name, model in models.items()}
+    for role in ROLES:
+        a, b = (read_matrix(first[name], adapter.prunable(0, role)) for name in ("sub_block", "layer"))
+        assert torch.equal(a, b) == (role not in MLP), role
+    assert _first_layer_error(models["layer"], dense) < _first_layer_error(models["sub_block"], dense)
+    for (name, a), b in zip(models["mlp_sub_block"].state_dict().items(), models["mlp_layer"].state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_pre_norm_families_add_their_projections_to_the_residual(kind):
+    assert_residual_claim_is_the_models(tiny_model(kind), calibration()[0])

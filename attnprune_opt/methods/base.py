@@ -104,6 +104,9 @@ class PruningMethod:
         """The roles whose inputs a joint method needs from the dense forward pass, given its rules' roles."""
         return ()
 
+    def check_fits(self, adapter: DecoderAdapter, config: PrunerConfig) -> None:
+        """Refuses (ConfigError) settings this model family cannot honour, before any calibration work."""
+
     def prune_layer(self, context: LayerContext, rules: dict[str, PruneRule]) -> JointResult:
         raise NotImplementedError(f"method {self.name!r} prunes one matrix at a time")
 

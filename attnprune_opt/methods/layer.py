@@ -21,7 +21,8 @@ from .base import JointResult, LayerContext, MethodSettings, PruningMethod, regi
 from .magnitude import apply_mask
 
 if TYPE_CHECKING:
-    from ..config import PruneRule
+    from ..config import PrunerConfig, PruneRule
+    from ..models.base import DecoderAdapter
 
 
 class LayerSettings(MethodSettings):
@@ -32,7 +33,10 @@ class LayerSettings(MethodSettings):
     ``solve_iterations`` > 0 then solves o_proj and down_proj (each sub-block's output is linear in it) by masked
     least squares on every calibration token, at most that many conjugate-gradient steps, kept on the same test,
     damped toward the Adam refit's weights by ``solve_percdamp`` x mean diag of the features' Gram matrix (strong at
-    8 calibration sequences, where the undamped fit over-fits; docs/method.md section 8c)."""
+    8 calibration sequences, where the undamped fit over-fits; docs/method.md section 8c).
+    ``targets``: ``sub_block`` fits each sub-block to the dense sub-block's output on the inputs the pruned model
+    gives it; ``layer`` also asks the MLP to make up what the fitted attention sub-block still misses, so the two
+    aim at the dense layer's output on the layer's (pruned-model) inputs (pre-norm families only)."""
 
     pattern: Literal["wanda", "sparsegpt"] = "wanda"
     refit_qk: bool = False
@@ -43,11 +47,13 @@ class LayerSettings(MethodSettings):
     check_fraction: float = Field(default=0.25, gt=0.0, le=1.0, allow_inf_nan=False)
     solve_iterations: int = Field(default=0, ge=0)
     solve_percdamp: float = Field(default=0.01, ge=0.0, allow_inf_nan=False)
+    targets: Literal["sub_block", "layer"] = "sub_block"
 
     def unused(self) -> dict[str, str]:
         if not self.refit_iterations:
             return dict.fromkeys(("refit_lr", "refit_row_fraction", "refit_sequence_fraction", "check_fraction",
-                                  "solve_iterations", "solve_percdamp"), "read only when refit_iterations > 0")
+                                  "solve_iterations", "solve_percdamp", "targets"),
+                                 "read only when refit_iterations > 0")
         return {} if self.solve_iterations else {"solve_percdamp": "read only when solve_iterations > 0"}
 
     def reads_settings_of(self) -> tuple[str, ...]:
@@ -64,8 +70,16 @@ class Layer(PruningMethod):
 
     def captures(self, rules: dict[str, PruneRule]) -> tuple[str, ...]:
         """Every pruned role's input (its pattern's statistics; v's is the attention input, o's and down's give
-        the sub-blocks' dense outputs), and the attention input for q/k's refit."""
-        return tuple(dict.fromkeys((*rules, *(("q_proj",) if "k_proj" in rules else ()))))
+        the sub-blocks' dense outputs), the attention input for q/k's refit, and o's input with down's (the
+        attention output the layer targets add to the MLP's)."""
+        return tuple(dict.fromkeys((*rules, *(("q_proj",) if "k_proj" in rules else ()),
+                                    *(("o_proj",) if "down_proj" in rules else ()))))
+
+    def check_fits(self, adapter: DecoderAdapter, config: PrunerConfig) -> None:
+        if config.layer.targets == "layer" and not adapter.residual_adds_projections:
+            raise ConfigError(f"layer.targets: 'layer' adds the attention's output to the MLP's target, but "
+                              f"{adapter.config.model_type} normalises each sub-block's output before the residual "
+                              "add; use 'sub_block'")
 
     def prune_layer(self, context: LayerContext, rules: dict[str, PruneRule]) -> JointResult:
         if context.world.size > 1:
@@ -147,9 +161,18 @@ class Layer(PruningMethod):
     def _refit_mlp(context: LayerContext, dense: dict[str, Tensor], keep: dict[str, Tensor],
                    weights: dict[str, Tensor], adam: AdamConfig, settings: LayerSettings,
                    errors: dict[str, float]) -> dict[str, Tensor]:
-        """gate/up/down against the dense MLP's output, on the MLP inputs the pruned attention gives."""
-        x = batches_by_length(context.record(("up_proj",))["up_proj"])
+        """gate/up/down against the dense MLP's output, on the MLP inputs the pruned attention gives (with
+        ``targets: layer``, plus the dense minus the pruned attention output on the layer's inputs)."""
+        layer_targets = settings.targets == "layer"
+        recorded = context.record(("up_proj", "o_proj") if layer_targets else ("up_proj",))
+        x = batches_by_length(recorded["up_proj"])
         targets = [h @ dense["down_proj"].T for h in batches_by_length(context.recorded["down_proj"])]
+        if layer_targets:  # o_proj's bias is in both outputs and cancels
+            dense_o = dense.get("o_proj", context.matrix("o_proj").to(SOLVE_DTYPE))
+            pruned_o = weights.get("o_proj", dense_o)
+            missed = [z @ dense_o.T - y @ pruned_o.T for z, y in
+                      zip(batches_by_length(context.recorded["o_proj"]), batches_by_length(recorded["o_proj"]))]
+            targets = [t + m for t, m in zip(targets, missed)]
         names = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
         objective = MLPObjective(x, {n: dense[r] for n, r in names.items()}, {n: keep[r] for n, r in names.items()},
                                  start={n: weights[r] for n, r in names.items()}, targets=targets,

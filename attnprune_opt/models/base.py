@@ -80,6 +80,9 @@ class DecoderAdapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     layers_path: ClassVar[str] = "model.layers"
     modules: ClassVar[Mapping[str, str]] = {}
+    #: o_proj's and down_proj's outputs are added to the residual stream as they are (pre-norm layers); False where
+    #: a norm follows each sub-block (post-norm and sandwich-norm families)
+    residual_adds_projections: ClassVar[bool] = True
 
     def __init__(self, config: Any) -> None:
         self.config = config

@@ -105,6 +105,8 @@ def check_config_fits(config: PrunerConfig, adapter: DecoderAdapter, model: nn.M
         if missing:
             raise ConfigError(f"rules.{i}.modules: {', '.join(missing)} not in {adapter.config.model_type} layers, "
                               f"whose prunable matrices are {', '.join(roles)}")
+    for name in dict.fromkeys(rule.method for rule in config.rules):
+        method(name).check_fits(adapter, config)
     for i, rule in enumerate(config.rules):
         if not method(rule.method).joint:
             continue

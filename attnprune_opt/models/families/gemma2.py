@@ -21,6 +21,7 @@ class CausalGemmaAdapter(DecoderAdapter):
     which is refused by name: the objective here is causal."""
 
     modules = LLAMA_MODULES
+    residual_adds_projections = False  # sandwich norms: each sub-block's output is normalised before the add
 
     def __init__(self, config: Any) -> None:
         if getattr(config, "use_bidirectional_attention", False):

@@ -14,3 +14,4 @@ class Olmo2Adapter(QKNormAdapter):
     model_types = ("olmo2",)
     modules = LLAMA_MODULES
     qk_norm_per_head = False
+    residual_adds_projections = False  # post-norm: each sub-block's output is normalised before the add
