@@ -128,6 +128,12 @@ VARIANTS = {
     "wanda+vo+mlp/layer-targets 60 it lr 0.02 + solve 10 toward Adam damp 1": Variant(
         vo=Refit(60, lr=0.02, solve_iterations=10, solve_percdamp=1.0),
         mlp=Refit(60, lr=0.02, solve_iterations=10, solve_percdamp=1.0), targets="layer"),
+    "wanda+vo+mlp/layer-targets 60 it lr 0.02 seqs 1/8 + solve 10 toward Adam damp 1": Variant(
+        vo=Refit(60, lr=0.02, sequence_fraction=0.125, solve_iterations=10, solve_percdamp=1.0),
+        mlp=Refit(60, lr=0.02, sequence_fraction=0.125, solve_iterations=10, solve_percdamp=1.0), targets="layer"),
+    "wanda+vo+mlp/layer-targets 60 it lr 0.02 seqs 1/32 + solve 10 toward Adam damp 1": Variant(
+        vo=Refit(60, lr=0.02, sequence_fraction=1 / 32, solve_iterations=10, solve_percdamp=1.0),
+        mlp=Refit(60, lr=0.02, sequence_fraction=1 / 32, solve_iterations=10, solve_percdamp=1.0), targets="layer"),
     "wanda+vo+mlp rows 1/16 all seqs": Variant(vo=Refit(row_fraction=1 / 16, sequence_fraction=1.0),
                                                mlp=Refit(row_fraction=1 / 16, sequence_fraction=1.0)),
 }
