@@ -77,6 +77,12 @@ class Variant:
     targets: str = "dense"
 
 
+def both(targets: str = "dense", qk: bool = False, **refit) -> Variant:
+    """The same Adam settings (and solve) for the v/o and the MLP refit."""
+    return Variant(qk=qk, vo=Refit(**refit), mlp=Refit(**refit), targets=targets)
+
+
+SOLVED = dict(iterations=60, lr=0.02, solve_percdamp=1.0)  # the refit, then the solve damped toward its values
 VARIANTS = {
     "wanda+mlp": Variant(vo=None),
     "wanda+vo": Variant(mlp=None),
@@ -86,56 +92,41 @@ VARIANTS = {
     "wanda+vo+mlp/residual-targets": Variant(targets="residual"),
     "sparsegpt+vo+mlp": Variant(pattern="sparsegpt"),
     "sparsegpt+vo+mlp/pruned-targets": Variant(pattern="sparsegpt", targets="pruned"),
-    "wanda+vo+mlp 80 it": Variant(vo=Refit(80), mlp=Refit(80)),
-    "wanda+vo+mlp 20 it": Variant(vo=Refit(20), mlp=Refit(20)),
-    "wanda+vo+mlp lr 0.02": Variant(vo=Refit(lr=0.02), mlp=Refit(lr=0.02)),
-    "wanda+vo+mlp 60 it lr 0.02": Variant(vo=Refit(60, lr=0.02), mlp=Refit(60, lr=0.02)),
-    "wanda+vo+mlp/residual-targets 60 it lr 0.02": Variant(vo=Refit(60, lr=0.02), mlp=Refit(60, lr=0.02),
-                                                           targets="residual"),
-    "wanda+vo+mlp/pruned-targets 60 it lr 0.02": Variant(vo=Refit(60, lr=0.02), mlp=Refit(60, lr=0.02),
-                                                         targets="pruned"),
+    "wanda+vo+mlp 80 it": both(iterations=80),
+    "wanda+vo+mlp 20 it": both(iterations=20),
+    "wanda+vo+mlp lr 0.02": both(lr=0.02),
+    "wanda+vo+mlp 60 it lr 0.02": both(iterations=60, lr=0.02),
+    "wanda+vo+mlp/residual-targets 60 it lr 0.02": both("residual", iterations=60, lr=0.02),
+    "wanda+vo+mlp/pruned-targets 60 it lr 0.02": both("pruned", iterations=60, lr=0.02),
     # for 32 calibration sequences: each step still sees 4 of them
-    "wanda+vo+mlp/pruned-targets 60 it lr 0.02 seqs 1/8": Variant(
-        vo=Refit(60, lr=0.02, sequence_fraction=0.125), mlp=Refit(60, lr=0.02, sequence_fraction=0.125),
-        targets="pruned"),
+    "wanda+vo+mlp/pruned-targets 60 it lr 0.02 seqs 1/8": both("pruned", iterations=60, lr=0.02,
+                                                               sequence_fraction=0.125),
     # (the record "... + solve 30 toward zero" is from commit 3d4777e, whose solve damped toward zero)
-    "wanda+vo+mlp/pruned-targets 60 it lr 0.02 + solve 30 toward Adam": Variant(
-        vo=Refit(60, lr=0.02, solve_iterations=30), mlp=Refit(60, lr=0.02, solve_iterations=30), targets="pruned"),
-    "wanda+vo+mlp/pruned-targets 60 it lr 0.02 + solve 30 toward Adam damp 1": Variant(
-        vo=Refit(60, lr=0.02, solve_iterations=30, solve_percdamp=1.0),
-        mlp=Refit(60, lr=0.02, solve_iterations=30, solve_percdamp=1.0), targets="pruned"),
-    "wanda+vo+mlp/pruned-targets 60 it lr 0.02 seqs 1/8 + solve 30 toward Adam": Variant(
-        vo=Refit(60, lr=0.02, sequence_fraction=0.125, solve_iterations=30),
-        mlp=Refit(60, lr=0.02, sequence_fraction=0.125, solve_iterations=30), targets="pruned"),
-    "wanda+vo+mlp/pruned-targets 60 it lr 0.02 + solve 10 toward Adam damp 1": Variant(
-        vo=Refit(60, lr=0.02, solve_iterations=10, solve_percdamp=1.0),
-        mlp=Refit(60, lr=0.02, solve_iterations=10, solve_percdamp=1.0), targets="pruned"),
-    "wanda+qk+vo+mlp/pruned-targets 60 it lr 0.02 + solve 30 toward Adam damp 1": Variant(
-        qk=True, vo=Refit(60, lr=0.02, solve_iterations=30, solve_percdamp=1.0),
-        mlp=Refit(60, lr=0.02, solve_iterations=30, solve_percdamp=1.0), targets="pruned"),
+    "wanda+vo+mlp/pruned-targets 60 it lr 0.02 + solve 30 toward Adam": both("pruned", iterations=60, lr=0.02,
+                                                                             solve_iterations=30),
+    "wanda+vo+mlp/pruned-targets 60 it lr 0.02 seqs 1/8 + solve 30 toward Adam": both(
+        "pruned", iterations=60, lr=0.02, sequence_fraction=0.125, solve_iterations=30),
+    "wanda+vo+mlp/pruned-targets 60 it lr 0.02 + solve 30 toward Adam damp 1": both(
+        "pruned", solve_iterations=30, **SOLVED),
+    "wanda+vo+mlp/pruned-targets 60 it lr 0.02 + solve 10 toward Adam damp 1": both(
+        "pruned", solve_iterations=10, **SOLVED),
+    "wanda+qk+vo+mlp/pruned-targets 60 it lr 0.02 + solve 30 toward Adam damp 1": both(
+        "pruned", qk=True, solve_iterations=30, **SOLVED),
     # for 32 and 128 calibration sequences: each step still sees 4 of them
-    "wanda+vo+mlp/pruned-targets 60 it lr 0.02 seqs 1/8 + solve 30 toward Adam damp 1": Variant(
-        vo=Refit(60, lr=0.02, sequence_fraction=0.125, solve_iterations=30, solve_percdamp=1.0),
-        mlp=Refit(60, lr=0.02, sequence_fraction=0.125, solve_iterations=30, solve_percdamp=1.0), targets="pruned"),
-    "wanda+vo+mlp/pruned-targets 60 it lr 0.02 seqs 1/32 + solve 30 toward Adam damp 1": Variant(
-        vo=Refit(60, lr=0.02, sequence_fraction=1 / 32, solve_iterations=30, solve_percdamp=1.0),
-        mlp=Refit(60, lr=0.02, sequence_fraction=1 / 32, solve_iterations=30, solve_percdamp=1.0), targets="pruned"),
-    "wanda+vo+mlp/layer-targets 60 it lr 0.02": Variant(vo=Refit(60, lr=0.02), mlp=Refit(60, lr=0.02),
-                                                        targets="layer"),
-    "wanda+vo+mlp/layer-targets 60 it lr 0.02 + solve 30 toward Adam damp 1": Variant(
-        vo=Refit(60, lr=0.02, solve_iterations=30, solve_percdamp=1.0),
-        mlp=Refit(60, lr=0.02, solve_iterations=30, solve_percdamp=1.0), targets="layer"),
-    "wanda+vo+mlp/layer-targets 60 it lr 0.02 + solve 10 toward Adam damp 1": Variant(
-        vo=Refit(60, lr=0.02, solve_iterations=10, solve_percdamp=1.0),
-        mlp=Refit(60, lr=0.02, solve_iterations=10, solve_percdamp=1.0), targets="layer"),
-    "wanda+vo+mlp/layer-targets 60 it lr 0.02 seqs 1/8 + solve 10 toward Adam damp 1": Variant(
-        vo=Refit(60, lr=0.02, sequence_fraction=0.125, solve_iterations=10, solve_percdamp=1.0),
-        mlp=Refit(60, lr=0.02, sequence_fraction=0.125, solve_iterations=10, solve_percdamp=1.0), targets="layer"),
-    "wanda+vo+mlp/layer-targets 60 it lr 0.02 seqs 1/32 + solve 10 toward Adam damp 1": Variant(
-        vo=Refit(60, lr=0.02, sequence_fraction=1 / 32, solve_iterations=10, solve_percdamp=1.0),
-        mlp=Refit(60, lr=0.02, sequence_fraction=1 / 32, solve_iterations=10, solve_percdamp=1.0), targets="layer"),
-    "wanda+vo+mlp rows 1/16 all seqs": Variant(vo=Refit(row_fraction=1 / 16, sequence_fraction=1.0),
-                                               mlp=Refit(row_fraction=1 / 16, sequence_fraction=1.0)),
+    "wanda+vo+mlp/pruned-targets 60 it lr 0.02 seqs 1/8 + solve 30 toward Adam damp 1": both(
+        "pruned", sequence_fraction=0.125, solve_iterations=30, **SOLVED),
+    "wanda+vo+mlp/pruned-targets 60 it lr 0.02 seqs 1/32 + solve 30 toward Adam damp 1": both(
+        "pruned", sequence_fraction=1 / 32, solve_iterations=30, **SOLVED),
+    "wanda+vo+mlp/layer-targets 60 it lr 0.02": both("layer", iterations=60, lr=0.02),
+    "wanda+vo+mlp/layer-targets 60 it lr 0.02 + solve 30 toward Adam damp 1": both(
+        "layer", solve_iterations=30, **SOLVED),
+    "wanda+vo+mlp/layer-targets 60 it lr 0.02 + solve 10 toward Adam damp 1": both(
+        "layer", solve_iterations=10, **SOLVED),
+    "wanda+vo+mlp/layer-targets 60 it lr 0.02 seqs 1/8 + solve 10 toward Adam damp 1": both(
+        "layer", sequence_fraction=0.125, solve_iterations=10, **SOLVED),
+    "wanda+vo+mlp/layer-targets 60 it lr 0.02 seqs 1/32 + solve 10 toward Adam damp 1": both(
+        "layer", sequence_fraction=1 / 32, solve_iterations=10, **SOLVED),
+    "wanda+vo+mlp rows 1/16 all seqs": both(row_fraction=1 / 16, sequence_fraction=1.0),
 }
 BASELINES = ("wanda everywhere", "sparsegpt everywhere")
 
