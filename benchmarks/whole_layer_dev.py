@@ -126,6 +126,10 @@ VARIANTS = {
         "layer", sequence_fraction=0.125, solve_iterations=10, **SOLVED),
     "wanda+vo+mlp/layer-targets 60 it lr 0.02 seqs 1/32 + solve 10 toward Adam damp 1": both(
         "layer", sequence_fraction=1 / 32, solve_iterations=10, **SOLVED),
+    "wanda+vo+mlp/layer-targets 60 it lr 0.02 + solve 10 toward Adam damp 0.3": both(
+        "layer", solve_iterations=10, **{**SOLVED, "solve_percdamp": 0.3}),
+    "wanda+qk+vo+mlp/layer-targets 60 it lr 0.02 + solve 10 toward Adam damp 1": both(
+        "layer", qk=True, solve_iterations=10, **SOLVED),
     "wanda+vo+mlp rows 1/16 all seqs": both(row_fraction=1 / 16, sequence_fraction=1.0),
 }
 BASELINES = ("wanda everywhere", "sparsegpt everywhere")
