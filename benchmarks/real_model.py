@@ -264,6 +264,11 @@ def join(parts: list[Path]) -> list[dict]:
     return sorted(records, key=lambda r: order.get((r["config"], r["method"]), len(order)))
 
 
+def portable_command(arguments: list[str]) -> str:
+    """The benchmark's arguments with each absolute path reduced to its name (records hold no local paths)."""
+    return " ".join(Path(a).name if Path(a).is_absolute() else a for a in arguments)
+
+
 def commands(records: list[dict]) -> str:
     runs = (f"python benchmarks/real_model.py {r['command']}" for r in records if "command" in r)
     return "` and `".join(dict.fromkeys(runs))
@@ -311,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                 and (not args.methods or r["method"] in args.methods or r["config"] == "dense")]
         with tempfile.TemporaryDirectory(prefix="attnprune-bench-") as work:
             records = run_all(runs, args.quick, Path(work), tuple(args.tasks), args.model, args.limit)
-        command = " ".join(sys.argv[1:] if argv is None else argv)
+        command = portable_command(sys.argv[1:] if argv is None else argv)
         records = [{**r, "command": command} for r in records]
     table = markdown(records)
     with atomic_output_dir(args.out, args.overwrite) as tmp:
