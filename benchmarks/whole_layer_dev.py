@@ -67,6 +67,7 @@ class Refit:
 class Variant:
     pattern: str = "wanda"  # "wanda" | "sparsegpt" (its pattern and updated weights as the start)
     qk: bool = False  # the existing q/k refit to the attention-probability loss
+    qk_iterations: int = 100  # its Adam steps (the attention method's default)
     vo: Refit | None = Refit()
     mlp: Refit | None = Refit()
     # "dense": the dense layer's sub-block outputs on the dense model's inputs; "pruned": on the pruned model's;
@@ -77,9 +78,9 @@ class Variant:
     targets: str = "dense"
 
 
-def both(targets: str = "dense", qk: bool = False, **refit) -> Variant:
+def both(targets: str = "dense", qk: bool = False, qk_iterations: int = 100, **refit) -> Variant:
     """The same Adam settings (and solve) for the v/o and the MLP refit."""
-    return Variant(qk=qk, vo=Refit(**refit), mlp=Refit(**refit), targets=targets)
+    return Variant(qk=qk, qk_iterations=qk_iterations, vo=Refit(**refit), mlp=Refit(**refit), targets=targets)
 
 
 SOLVED = dict(iterations=60, lr=0.02, solve_percdamp=1.0)  # the refit, then the solve damped toward its values
@@ -130,6 +131,13 @@ VARIANTS = {
         "layer", solve_iterations=10, **{**SOLVED, "solve_percdamp": 0.3}),
     "wanda+qk+vo+mlp/layer-targets 60 it lr 0.02 + solve 10 toward Adam damp 1": both(
         "layer", qk=True, solve_iterations=10, **SOLVED),
+    # cheaper: fewer q/k steps, and fewer v/o and MLP steps to pay for them
+    "wanda+qk 30 it+vo+mlp/layer-targets 60 it lr 0.02 + solve 10 toward Adam damp 1": both(
+        "layer", qk=True, qk_iterations=30, solve_iterations=10, **SOLVED),
+    "wanda+qk 30 it+vo+mlp/layer-targets 30 it lr 0.02 + solve 10 toward Adam damp 1": both(
+        "layer", qk=True, qk_iterations=30, solve_iterations=10, **{**SOLVED, "iterations": 30}),
+    "wanda+qk 50 it+vo+mlp/layer-targets 30 it lr 0.02 + solve 10 toward Adam damp 1": both(
+        "layer", qk=True, qk_iterations=50, solve_iterations=10, **{**SOLVED, "iterations": 30}),
     "wanda+vo+mlp rows 1/16 all seqs": both(row_fraction=1 / 16, sequence_fraction=1.0),
 }
 BASELINES = ("wanda everywhere", "sparsegpt everywhere")
@@ -232,7 +240,8 @@ def prune_layer(adapter, index: int, layer, pruned_in: list[LayerInput], dense_i
             rules = {m: PruneRule(modules=(m,), method="attention", **rule_kwargs(structure))
                      for m in ("q_proj", "k_proj")}
             result = prune_attention({m: dense[m] for m in rules}, AttentionInputs(inputs["q_proj"], spec), rules,
-                                     AttentionSettings(mask=variant.pattern), seed=seed)
+                                     AttentionSettings(mask=variant.pattern, refit_iterations=variant.qk_iterations),
+                                     seed=seed)
             weights.update(result.weights)
             log.errors["qk_before"], log.errors["qk_after"] = result.error_mask, result.error_final
             clock = log.lap("qk", clock)
