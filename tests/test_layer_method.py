@@ -23,6 +23,7 @@ def test_whole_layer_prune_is_exact_and_round_trips(kind, tmp_path):
 
 @pytest.mark.parametrize("settings", [{"refit_iterations": 10}, {"refit_iterations": 10, "pattern": "sparsegpt"},
                                       {"refit_iterations": 10, "refit_qk": True},
+                                      {"refit_iterations": 10, "refit_qk": True, "refit_qk_iterations": 7},
                                       {"refit_iterations": 10, "solve_iterations": 20},
                                       {"refit_iterations": 10, "solve_iterations": 20, "solve_percdamp": 1.0},
                                       {"refit_iterations": 10, "targets": "layer"}])
@@ -66,6 +67,25 @@ def test_solve_iterations_0_is_the_adam_refit_alone_and_a_solve_moves_only_o_and
         assert torch.equal(a == 0, b == 0), role
 
 
+@pytest.mark.parametrize("steps", [7, 100])
+def test_the_q_k_refit_is_the_attention_methods_with_refit_qk_iterations_steps(steps):
+    """The first layer sees the same inputs under both methods, so its q/k are the attention method's bit for bit
+    at the same step count (and differ at another)."""
+    models = {name: tiny_model("llama") for name in ("layer", "attention", "other")}
+    AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}],
+                    layer={"refit_iterations": 5, "refit_qk": True, "refit_qk_iterations": steps}).prune_model(
+        models["layer"], calibration=calibration(), progress=False)
+    for name, refit in (("attention", steps), ("other", steps + 3)):
+        AttentionPruner(rules=[{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5}],
+                        attention={"refit_iterations": refit}).prune_model(
+            models[name], calibration=calibration(), progress=False)
+    adapter = get_adapter(models["layer"])
+    for role in ("q_proj", "k_proj"):
+        ours, same, other = (read_matrix(adapter.layers(models[name])[0], adapter.prunable(0, role))
+                             for name in ("layer", "attention", "other"))
+        assert torch.equal(ours, same) and not torch.equal(ours, other), role
+
+
 def test_without_refit_the_kept_weights_are_wandas():
     """refit_iterations 0 is Wanda everywhere: the same pattern and the kept values untouched."""
     ours, theirs = tiny_model("llama"), tiny_model("llama")
@@ -87,6 +107,9 @@ def test_settings_the_method_does_not_read_are_errors():
     with pytest.raises(RecipeError, match="layer.solve_percdamp: not used: read only when solve_iterations > 0"):
         AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}],
                         layer={"refit_iterations": 10, "solve_percdamp": 1.0})
+    with pytest.raises(RecipeError, match="layer.refit_qk_iterations: not used: read only when refit_qk is true"):
+        AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}],
+                        layer={"refit_qk_iterations": 30})
     with pytest.raises(RecipeError, match="sparsegpt: settings of method 'sparsegpt', which no rule uses"):
         AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}],
                         sparsegpt={"blocksize": 32})

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 class LayerSettings(MethodSettings):
     """``pattern``: Wanda's score, or SparseGPT's pattern with its updated weights as the refit's start;
-    ``refit_qk``: also fit q/k to the attention probabilities (the attention method's refit, its defaults);
+    ``refit_qk``: also fit q/k to the attention probabilities (the attention method's refit, its defaults but
+    ``refit_qk_iterations`` Adam steps);
     the ``refit_*`` settings drive Adam on the v/o and MLP sub-blocks (steps sampled like the q/k refit's), and a
     refit is kept only if it lowers the sub-block's error on a fixed ``check_fraction`` of the tokens;
     ``solve_iterations`` > 0 then solves o_proj and down_proj (each sub-block's output is linear in it) by masked
@@ -40,6 +41,7 @@ class LayerSettings(MethodSettings):
 
     pattern: Literal["wanda", "sparsegpt"] = "wanda"
     refit_qk: bool = False
+    refit_qk_iterations: int = Field(default=100, ge=1)
     refit_iterations: int = Field(default=40, ge=0)
     refit_lr: float = Field(default=0.01, gt=0.0, allow_inf_nan=False)
     refit_row_fraction: float = Field(default=0.125, gt=0.0, le=1.0, allow_inf_nan=False)
@@ -50,11 +52,14 @@ class LayerSettings(MethodSettings):
     targets: Literal["sub_block", "layer"] = "sub_block"
 
     def unused(self) -> dict[str, str]:
+        unused = {} if self.refit_qk else {"refit_qk_iterations": "read only when refit_qk is true"}
         if not self.refit_iterations:
-            return dict.fromkeys(("refit_lr", "refit_row_fraction", "refit_sequence_fraction", "check_fraction",
-                                  "solve_iterations", "solve_percdamp", "targets"),
-                                 "read only when refit_iterations > 0")
-        return {} if self.solve_iterations else {"solve_percdamp": "read only when solve_iterations > 0"}
+            unused.update(dict.fromkeys(("refit_lr", "refit_row_fraction", "refit_sequence_fraction", "check_fraction",
+                                         "solve_iterations", "solve_percdamp", "targets"),
+                                        "read only when refit_iterations > 0"))
+        elif not self.solve_iterations:
+            unused["solve_percdamp"] = "read only when solve_iterations > 0"
+        return unused
 
     def reads_settings_of(self) -> tuple[str, ...]:
         return ("sparsegpt",) if self.pattern == "sparsegpt" else ()
@@ -94,7 +99,9 @@ class Layer(PruningMethod):
             qk = {role: rules[role] for role in ("q_proj", "k_proj")}
             attention = prune_attention({role: dense[role] for role in qk},
                                         AttentionInputs(context.recorded["q_proj"], spec, context.catalog), qk,
-                                        AttentionSettings(mask=settings.pattern), context.config.sparsegpt,
+                                        AttentionSettings(mask=settings.pattern,
+                                                          refit_iterations=settings.refit_qk_iterations),
+                                        context.config.sparsegpt,
                                         seed=context.seed)
             weights.update(attention.weights)
         adam = AdamConfig(iterations=settings.refit_iterations, lr=settings.refit_lr,
