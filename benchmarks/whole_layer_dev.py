@@ -132,8 +132,6 @@ VARIANTS = {
     "wanda+qk+vo+mlp/layer-targets 60 it lr 0.02 + solve 10 toward Adam damp 1": both(
         "layer", qk=True, solve_iterations=10, **SOLVED),
     # cheaper: fewer q/k steps, and fewer v/o and MLP steps to pay for them
-    "wanda+qk 30 it+vo+mlp/layer-targets 60 it lr 0.02 + solve 10 toward Adam damp 1": both(
-        "layer", qk=True, qk_iterations=30, solve_iterations=10, **SOLVED),
     "wanda+qk 30 it+vo+mlp/layer-targets 30 it lr 0.02 + solve 10 toward Adam damp 1": both(
         "layer", qk=True, qk_iterations=30, solve_iterations=10, **{**SOLVED, "iterations": 30}),
     "wanda+qk 50 it+vo+mlp/layer-targets 30 it lr 0.02 + solve 10 toward Adam damp 1": both(
