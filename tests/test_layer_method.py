@@ -67,17 +67,18 @@ def test_solve_iterations_0_is_the_adam_refit_alone_and_a_solve_moves_only_o_and
         assert torch.equal(a == 0, b == 0), role
 
 
-@pytest.mark.parametrize("steps", [7, 100])
-def test_the_q_k_refit_is_the_attention_methods_with_refit_qk_iterations_steps(steps):
+@pytest.mark.parametrize("steps, sampling", [(7, {}), (100, {}),
+                                             (7, {"refit_row_fraction": 0.5, "refit_sequence_fraction": 0.25})])
+def test_the_q_k_refit_is_the_attention_methods_with_the_layer_settings_steps_and_sampling(steps, sampling):
     """The first layer sees the same inputs under both methods, so its q/k are the attention method's bit for bit
-    at the same step count (and differ at another)."""
+    at the same step count and sampling fractions (and differ at another step count)."""
     models = {name: tiny_model("llama") for name in ("layer", "attention", "other")}
     AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}],
-                    layer={"refit_iterations": 5, "refit_qk": True, "refit_qk_iterations": steps}).prune_model(
-        models["layer"], calibration=calibration(), progress=False)
+                    layer={"refit_iterations": 5, "refit_qk": True, "refit_qk_iterations": steps,
+                           **sampling}).prune_model(models["layer"], calibration=calibration(), progress=False)
     for name, refit in (("attention", steps), ("other", steps + 3)):
         AttentionPruner(rules=[{"modules": ["q_proj", "k_proj"], "method": "attention", "sparsity": 0.5}],
-                        attention={"refit_iterations": refit}).prune_model(
+                        attention={"refit_iterations": refit, **sampling}).prune_model(
             models[name], calibration=calibration(), progress=False)
     adapter = get_adapter(models["layer"])
     for role in ("q_proj", "k_proj"):

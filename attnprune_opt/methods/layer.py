@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 
 class LayerSettings(MethodSettings):
     """``pattern``: Wanda's score, or SparseGPT's pattern with its updated weights as the refit's start;
-    ``refit_qk``: also fit q/k to the attention probabilities (the attention method's refit, its defaults but
-    ``refit_qk_iterations`` Adam steps);
+    ``refit_qk``: also fit q/k to the attention probabilities (the attention method's refit at its learning rate,
+    ``refit_qk_iterations`` Adam steps sampled by the fractions below);
     the ``refit_*`` settings drive Adam on the v/o and MLP sub-blocks (steps sampled like the q/k refit's), and a
     refit is kept only if it lowers the sub-block's error on a fixed ``check_fraction`` of the tokens;
     ``solve_iterations`` > 0 then solves o_proj and down_proj (each sub-block's output is linear in it) by masked
@@ -100,7 +100,9 @@ class Layer(PruningMethod):
             attention = prune_attention({role: dense[role] for role in qk},
                                         AttentionInputs(context.recorded["q_proj"], spec, context.catalog), qk,
                                         AttentionSettings(mask=settings.pattern,
-                                                          refit_iterations=settings.refit_qk_iterations),
+                                                          refit_iterations=settings.refit_qk_iterations,
+                                                          refit_row_fraction=settings.refit_row_fraction,
+                                                          refit_sequence_fraction=settings.refit_sequence_fraction),
                                         context.config.sparsegpt,
                                         seed=context.seed)
             weights.update(attention.weights)
