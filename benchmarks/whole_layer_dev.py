@@ -134,6 +134,12 @@ VARIANTS = {
     # cheaper: fewer q/k steps, and fewer v/o and MLP steps to pay for them
     "wanda+qk 30 it+vo+mlp/layer-targets 30 it lr 0.02 + solve 10 toward Adam damp 1": both(
         "layer", qk=True, qk_iterations=30, solve_iterations=10, **{**SOLVED, "iterations": 30}),
+    "wanda+qk 30 it+vo+mlp/layer-targets 30 it lr 0.02 seqs 1/8 + solve 10 toward Adam damp 1": both(
+        "layer", qk=True, qk_iterations=30, sequence_fraction=0.125, solve_iterations=10,
+        **{**SOLVED, "iterations": 30}),
+    "wanda+qk 30 it+vo+mlp/layer-targets 30 it lr 0.02 seqs 1/32 + solve 10 toward Adam damp 1": both(
+        "layer", qk=True, qk_iterations=30, sequence_fraction=1 / 32, solve_iterations=10,
+        **{**SOLVED, "iterations": 30}),
     "wanda+qk 50 it+vo+mlp/layer-targets 30 it lr 0.02 + solve 10 toward Adam damp 1": both(
         "layer", qk=True, qk_iterations=50, solve_iterations=10, **{**SOLVED, "iterations": 30}),
     "wanda+vo+mlp rows 1/16 all seqs": both(row_fraction=1 / 16, sequence_fraction=1.0),
@@ -234,11 +240,14 @@ def prune_layer(adapter, index: int, layer, pruned_in: list[LayerInput], dense_i
         longest = max(pruned_in, key=lambda item: item.hidden.shape[1])
         spec = adapter.attention_spec(layer, index, longest.kwargs).to(F32)
         x_attn = stacked(inputs["q_proj"])
-        if variant.qk:
+        if variant.qk:  # sampled like the v/o refit, as the package's method does
+            sampling = variant.vo or Refit()
             rules = {m: PruneRule(modules=(m,), method="attention", **rule_kwargs(structure))
                      for m in ("q_proj", "k_proj")}
             result = prune_attention({m: dense[m] for m in rules}, AttentionInputs(inputs["q_proj"], spec), rules,
-                                     AttentionSettings(mask=variant.pattern, refit_iterations=variant.qk_iterations),
+                                     AttentionSettings(mask=variant.pattern, refit_iterations=variant.qk_iterations,
+                                                       refit_row_fraction=sampling.row_fraction,
+                                                       refit_sequence_fraction=sampling.sequence_fraction),
                                      seed=seed)
             weights.update(result.weights)
             log.errors["qk_before"], log.errors["qk_after"] = result.error_mask, result.error_final
