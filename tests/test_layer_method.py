@@ -108,6 +108,12 @@ def test_settings_the_method_does_not_read_are_errors():
     with pytest.raises(RecipeError, match="layer.solve_percdamp: not used: read only when solve_iterations > 0"):
         AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}],
                         layer={"refit_iterations": 10, "solve_percdamp": 1.0})
+    with pytest.raises(RecipeError, match="layer.refit_sequence_fraction: not used: read only when refit_iterations "
+                                          "> 0 or refit_qk is true"):
+        AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}],
+                        layer={"refit_iterations": 0, "refit_sequence_fraction": 0.25})
+    AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}],  # the q/k refit's sampling
+                    layer={"refit_iterations": 0, "refit_qk": True, "refit_sequence_fraction": 0.25})
     with pytest.raises(RecipeError, match="layer.refit_qk_iterations: not used: read only when refit_qk is true"):
         AttentionPruner(rules=[{"modules": list(ROLES), "method": "layer", "sparsity": 0.5}],
                         layer={"refit_qk_iterations": 30})

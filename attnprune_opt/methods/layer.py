@@ -54,9 +54,11 @@ class LayerSettings(MethodSettings):
     def unused(self) -> dict[str, str]:
         unused = {} if self.refit_qk else {"refit_qk_iterations": "read only when refit_qk is true"}
         if not self.refit_iterations:
-            unused.update(dict.fromkeys(("refit_lr", "refit_row_fraction", "refit_sequence_fraction", "check_fraction",
-                                         "solve_iterations", "solve_percdamp", "targets"),
+            unused.update(dict.fromkeys(("refit_lr", "check_fraction", "solve_iterations", "solve_percdamp", "targets"),
                                         "read only when refit_iterations > 0"))
+            if not self.refit_qk:  # the q/k refit samples by these too
+                unused.update(dict.fromkeys(("refit_row_fraction", "refit_sequence_fraction"),
+                                            "read only when refit_iterations > 0 or refit_qk is true"))
         elif not self.solve_iterations:
             unused["solve_percdamp"] = "read only when solve_iterations > 0"
         return unused
